@@ -1,0 +1,116 @@
+"""Every environment variable flagrelease reads, read here and nowhere else.
+
+Values are read when called, not at import time, so tests (and long-lived workers)
+see changes to the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = [
+    "REPO_ROOT",
+    "SECRET_ENV_VARS",
+    "aws_credentials",
+    "cache_dir",
+    "hf_endpoint",
+    "hf_token",
+    "home_dir",
+    "modelscope_endpoint",
+    "modelscope_token",
+    "release_configs_dir",
+    "runtimes_dir",
+    "secret_values",
+    "serve_python",
+    "templates_dir",
+]
+
+#: The checkout (or install prefix) that holds templates/ and release_configs/.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+#: Variables whose values must never reach a log, an artifact or a card.
+SECRET_ENV_VARS = (
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "MODELSCOPE_API_TOKEN",
+    "MODELSCOPE_TOKEN",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "REGISTRY_PASSWORD",
+    "FLAGRELEASE_REGISTRY_PASSWORD",
+    "OPENAI_API_KEY",
+)
+
+
+def _env(name: str) -> str | None:
+    value = os.environ.get(name)
+    return value if value else None
+
+
+def home_dir() -> Path:
+    """State and caches: ``$FLAGRELEASE_HOME``, else ``~/.cache/flagrelease``."""
+    return Path(_env("FLAGRELEASE_HOME") or Path.home() / ".cache" / "flagrelease")
+
+
+def cache_dir() -> Path:
+    """Download and conversion caches, below :func:`home_dir`."""
+    return home_dir() / "cache"
+
+
+def runtimes_dir() -> Path:
+    """Serving runtimes (virtual environments), ``$FLAGRELEASE_RUNTIMES`` or below home."""
+    return Path(_env("FLAGRELEASE_RUNTIMES") or home_dir() / "runtimes")
+
+
+def serve_python() -> Path | None:
+    """An explicit serving interpreter, ``$FLAGRELEASE_SERVE_PYTHON``, if set."""
+    value = _env("FLAGRELEASE_SERVE_PYTHON")
+    return Path(value) if value else None
+
+
+def templates_dir() -> Path:
+    """Jinja2 templates and chip profiles, ``$FLAGRELEASE_TEMPLATES`` or ``<repo>/templates``."""
+    return Path(_env("FLAGRELEASE_TEMPLATES") or REPO_ROOT / "templates")
+
+
+def release_configs_dir() -> Path:
+    """Release configs, ``$FLAGRELEASE_CONFIGS`` or ``<repo>/release_configs``."""
+    return Path(_env("FLAGRELEASE_CONFIGS") or REPO_ROOT / "release_configs")
+
+
+def hf_endpoint() -> str:
+    """The Hugging Face Hub endpoint, ``$HF_ENDPOINT`` or the public hub."""
+    return (_env("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+
+
+def hf_token() -> str | None:
+    """The Hugging Face token, from ``$HF_TOKEN`` (or its older name)."""
+    return _env("HF_TOKEN") or _env("HUGGING_FACE_HUB_TOKEN")
+
+
+def modelscope_endpoint() -> str:
+    """The ModelScope endpoint, ``$MODELSCOPE_ENDPOINT`` or the public one."""
+    return (_env("MODELSCOPE_ENDPOINT") or "https://www.modelscope.cn").rstrip("/")
+
+
+def modelscope_token() -> str | None:
+    """The ModelScope token, from ``$MODELSCOPE_API_TOKEN``."""
+    return _env("MODELSCOPE_API_TOKEN") or _env("MODELSCOPE_TOKEN")
+
+
+def aws_credentials() -> dict[str, str]:
+    """AWS credentials present in the environment, for boto3 (empty: boto3's own chain)."""
+    keys = {
+        "aws_access_key_id": "AWS_ACCESS_KEY_ID",
+        "aws_secret_access_key": "AWS_SECRET_ACCESS_KEY",
+        "aws_session_token": "AWS_SESSION_TOKEN",
+    }
+    return {k: v for k, name in keys.items() if (v := _env(name))}
+
+
+def secret_values() -> list[str]:
+    """The current values of every secret variable, longest first, for redaction."""
+    values = {v for name in SECRET_ENV_VARS if (v := _env(name)) and len(v) >= 4}
+    return sorted(values, key=len, reverse=True)

@@ -1,0 +1,231 @@
+"""The stage contract, and a plain-Python runner for the whole pipeline.
+
+Each stage module exposes ``run_stage(ctx) -> StageResult``.  Prefect tasks (in
+``tasks/``) wrap exactly these functions; :func:`run_pipeline` runs them in order without
+Prefect, keeping each stage's result in ``state/<stage>.json`` so that a re-run skips
+stages whose inputs have not changed and a failed run resumes at the stage that failed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from flagrelease import __version__
+from flagrelease._atomic import atomic_write_json
+from flagrelease._redact import redact_obj
+from flagrelease.chips import ChipProfile
+from flagrelease.config import ReleaseConfig
+from flagrelease.errors import ConfigError
+from flagrelease.layout import BundleLayout
+
+__all__ = [
+    "STAGES",
+    "ProgressFn",
+    "ReleaseContext",
+    "StageResult",
+    "load_stage_result",
+    "run_pipeline",
+    "stage_fingerprint",
+    "stage_function",
+]
+
+log = logging.getLogger("flagrelease.pipeline")
+
+#: The stages, in order, and the module that owns each.
+STAGES: tuple[str, ...] = ("fetch", "convert", "image", "deploy", "eval", "gate", "card", "publish")
+_MODULES = {s: f"flagrelease.{s}" for s in STAGES}
+
+#: Which parts of the config each stage's output depends on (besides upstream results).
+_STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "fetch": ("model",),
+    "convert": ("model", "convert"),
+    "image": ("chip", "image", "model", "serve"),
+    "deploy": ("chip", "serve"),
+    "eval": ("chip", "serve", "eval"),
+    "gate": ("eval", "gates"),
+    "card": ("name", "description", "model", "chip", "image", "serve", "eval", "gates", "publish", "convert"),
+    "publish": ("publish", "gates"),
+}
+
+
+class ProgressFn(Protocol):
+    """Reports progress: ``fraction`` in [0, 1] and a short message."""
+
+    def __call__(self, stage: str, fraction: float, message: str = "") -> None: ...
+
+
+def _no_progress(stage: str, fraction: float, message: str = "") -> None:
+    return None
+
+
+@dataclass
+class StageResult:
+    """What a stage did, in JSON-able form.
+
+    Attributes:
+        stage: the stage name.
+        summary: one or two sentences of Markdown for people (artifact, logs).
+        outputs: JSON-able facts later stages and the manifest use.
+        tables: named tables (lists of row dicts) shown as Prefect table artifacts.
+        status: ``ok``, ``skipped`` (nothing to do), ``warning`` or ``failed`` (a gate verdict).
+        fingerprint: the input fingerprint this result was computed for.
+    """
+
+    stage: str
+    summary: str
+    outputs: dict[str, Any] = field(default_factory=dict)
+    tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    status: str = "ok"
+    fingerprint: str = ""
+    started_at: float = 0.0
+    finished_at: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        """The result as a JSON-able dict, secrets redacted."""
+        return redact_obj(asdict(self))
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> StageResult:
+        """Rebuild a result saved by :meth:`to_json`."""
+        return cls(**data)
+
+
+@dataclass
+class ReleaseContext:
+    """Everything a stage needs: the config, chip, layout and upstream results."""
+
+    config: ReleaseConfig
+    layout: BundleLayout
+    config_path: Path | None = None
+    dry_run: bool = False
+    results: dict[str, StageResult] = field(default_factory=dict)
+    progress: ProgressFn = _no_progress
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def chip(self) -> ChipProfile:
+        """The release's chip profile."""
+        return self.config.chip_profile
+
+    def result(self, stage: str) -> StageResult:
+        """The result of an upstream stage, from memory or from ``state/``.
+
+        Raises:
+            ConfigError: the stage has not run yet for this release.
+        """
+        if stage not in self.results:
+            loaded = load_stage_result(self.layout, stage)
+            if loaded is None:
+                raise ConfigError(
+                    f"stage {stage!r} has not run for release {self.config.name!r}; run it first "
+                    f"(flagrelease run CONFIG --stages {stage})",
+                    model=self.config.name,
+                    stage=stage,
+                )
+            self.results[stage] = loaded
+        return self.results[stage]
+
+    @classmethod
+    def create(cls, cfg: ReleaseConfig, *, config_path: Path | None = None, dry_run: bool = False,
+               progress: ProgressFn | None = None, **options: Any) -> ReleaseContext:
+        """A context for ``cfg`` with its default layout."""
+        return cls(config=cfg, layout=BundleLayout.for_release(cfg).ensure(), config_path=config_path,
+                   dry_run=dry_run, progress=progress or _no_progress, options=dict(options))
+
+
+def stage_function(stage: str) -> Callable[[ReleaseContext], StageResult]:
+    """The ``run_stage`` function of ``stage``.
+
+    Raises:
+        ConfigError: the stage name is unknown (the message lists the stages).
+    """
+    if stage not in _MODULES:
+        raise ConfigError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+    module = importlib.import_module(_MODULES[stage])
+    fn: Callable[[ReleaseContext], StageResult] = module.run_stage
+    return fn
+
+
+def _code_digest(stage: str) -> str:
+    module = importlib.import_module(_MODULES[stage])
+    path = Path(module.__file__ or "")
+    files = [path] if path.name != "__init__.py" else sorted(path.parent.rglob("*.py"))
+    h = hashlib.sha256(__version__.encode())
+    for f in files:
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def stage_fingerprint(ctx: ReleaseContext, stage: str) -> str:
+    """A content hash of what ``stage`` depends on: config sections, upstream results, code."""
+    cfg = ctx.config.model_dump(mode="json")
+    parts: dict[str, Any] = {
+        "stage": stage,
+        "config": {k: cfg.get(k) for k in _STAGE_SECTIONS[stage]},
+        "chip": ctx.chip.model_dump(mode="json") if "chip" in _STAGE_SECTIONS[stage] else None,
+        "code": _code_digest(stage),
+        "options": {k: v for k, v in sorted(ctx.options.items()) if isinstance(v, str | int | float | bool)},
+    }
+    upstream = STAGES[: STAGES.index(stage)]
+    parts["upstream"] = {s: ctx.results[s].fingerprint for s in upstream if s in ctx.results}
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:24]
+
+
+def load_stage_result(layout: BundleLayout, stage: str) -> StageResult | None:
+    """The saved result of ``stage``, or None."""
+    path = layout.state_dir / f"{stage}.json"
+    if not path.is_file():
+        return None
+    return StageResult.from_json(json.loads(path.read_text(encoding="utf-8")))
+
+
+def save_stage_result(layout: BundleLayout, result: StageResult) -> Path:
+    """Save ``result`` atomically under ``state/``."""
+    return atomic_write_json(layout.state_dir / f"{result.stage}.json", result.to_json())
+
+
+def execute_stage(ctx: ReleaseContext, stage: str, *, force: bool = False) -> StageResult:
+    """Run one stage unless a saved result has the same fingerprint; save and return its result."""
+    fingerprint = stage_fingerprint(ctx, stage)
+    saved = load_stage_result(ctx.layout, stage)
+    if not force and not ctx.dry_run and saved is not None and saved.fingerprint == fingerprint:
+        log.info("%s: unchanged since its last run, reusing its result", stage)
+        ctx.results[stage] = saved
+        return saved
+    log.info("%s: starting", stage)
+    started = time.time()
+    result = stage_function(stage)(ctx)
+    result.fingerprint = fingerprint
+    result.started_at, result.finished_at = started, time.time()
+    if not ctx.dry_run:
+        save_stage_result(ctx.layout, result)
+    ctx.results[stage] = result
+    log.info("%s: %s (%.1fs)", stage, result.summary, result.finished_at - started)
+    return result
+
+
+def run_pipeline(ctx: ReleaseContext, *, stages: Sequence[str] | None = None, force: bool = False) -> dict[str, StageResult]:
+    """Run ``stages`` (default: all) in pipeline order, without Prefect.
+
+    Stages whose fingerprint matches their saved result are skipped.
+
+    Returns:
+        The result of each stage run or reused.
+    """
+    wanted = list(stages or STAGES)
+    for s in wanted:
+        if s not in STAGES:
+            raise ConfigError(f"unknown stage {s!r}; stages: {', '.join(STAGES)}")
+    for stage in STAGES:
+        if stage in wanted:
+            execute_stage(ctx, stage, force=force)
+    return {s: ctx.results[s] for s in wanted}
