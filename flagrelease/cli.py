@@ -34,6 +34,8 @@ def _setup_logging(verbose: bool) -> None:
         handlers=[RichHandler(show_path=False, rich_tracebacks=False, markup=False)],
     )
     install_log_redaction()
+    for noisy in ("httpx", "httpcore", "urllib3", "docker"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 # -- validate ---------------------------------------------------------------------------

@@ -55,6 +55,7 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _ARG_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _HOST = re.compile(r"^[A-Za-z0-9._:-]{1,253}$")
 _OP_NAME = re.compile(r"^[A-Za-z0-9_.:]+$")
+_BRANCHES = frozenset({"main", "master", "dev", "develop", "HEAD"})
 
 
 def _no_control(value: str, what: str) -> str:
@@ -136,6 +137,11 @@ class ModelSection(_Strict):
             _no_control(self.revision, "revision")
             if not re.match(r"^[A-Za-z0-9._/-]{1,128}$", self.revision) or ".." in self.revision:
                 raise ValueError(f"revision {self.revision!r} is not a valid git revision")
+            if self.source is not ModelSource.LOCAL and self.revision in _BRANCHES:
+                raise ValueError(
+                    f"revision {self.revision!r} is a branch, not a pinned revision; use the commit sha "
+                    "(hub page > Files > history) or a release tag"
+                )
         return self
 
     @property
@@ -560,7 +566,7 @@ def _format_errors(path: str, err: ValidationError) -> list[tuple[str, str]]:
         elif e["type"] == "missing":
             msg = "required field is missing"
         bad = e.get("input")
-        if e["type"] not in ("missing",) and isinstance(bad, str | int | float | bool) and repr(bad) not in msg:
+        if e["type"] not in ("missing", "extra_forbidden") and isinstance(bad, str | int | float | bool) and repr(bad) not in msg:
             msg = f"{msg} (got {bad!r})"
         out.append((loc, msg))
     return out

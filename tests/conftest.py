@@ -16,6 +16,7 @@ pytest_plugins = [
     "tests.fixtures_s3",
     "tests.fixtures_hub",
     "tests.fixtures_prefect",
+    "tests.fixtures_demo",
 ]
 
 
