@@ -14,11 +14,13 @@ __all__ = [
     "SECRET_ENV_VARS",
     "aws_credentials",
     "cache_dir",
+    "docker_host",
     "hf_endpoint",
     "hf_token",
     "home_dir",
     "modelscope_endpoint",
     "modelscope_token",
+    "registry_credentials",
     "release_configs_dir",
     "runtimes_dir",
     "secret_values",
@@ -108,6 +110,20 @@ def aws_credentials() -> dict[str, str]:
         "aws_session_token": "AWS_SESSION_TOKEN",
     }
     return {k: v for k, name in keys.items() if (v := _env(name))}
+
+
+def docker_host() -> str | None:
+    """The Docker engine address, ``$DOCKER_HOST``, if set (the docker SDK reads it too)."""
+    return _env("DOCKER_HOST")
+
+
+def registry_credentials() -> dict[str, str] | None:
+    """Push credentials, ``$FLAGRELEASE_REGISTRY_USERNAME`` / ``$FLAGRELEASE_REGISTRY_PASSWORD``.
+
+    None when unset: the engine then uses ``docker login``'s stored credentials.
+    """
+    user, password = _env("FLAGRELEASE_REGISTRY_USERNAME"), _env("FLAGRELEASE_REGISTRY_PASSWORD")
+    return {"username": user, "password": password} if user and password else None
 
 
 def secret_values() -> list[str]:

@@ -154,12 +154,42 @@ def stage_function(stage: str) -> Callable[[ReleaseContext], StageResult]:
     return fn
 
 
+#: Code and templates (beyond the stage module and its ``_<stage>*.py`` helpers) whose
+#: changes must invalidate a stage's cached result. Paths are relative to the repo root.
+_STAGE_CODE: dict[str, tuple[str, ...]] = {
+    "fetch": ("flagrelease/tinymodel.py", "flagrelease/_filehash.py", "flagrelease/_safetensors.py"),
+    "convert": ("flagrelease/_safetensors.py",),
+    "image": ("flagrelease/render.py", "flagrelease/_oci.py", "flagrelease/_wheel.py",
+              "flagrelease/_image_install.py", "templates/docker", "templates/flagscale"),
+    "deploy": ("flagrelease/render.py", "flagrelease/runtime.py", "flagrelease/vllm_plugin.py",
+               "flagrelease/oplib", "templates/flagscale"),
+    "eval": ("flagrelease/_lmeval.py", "flagrelease/deploy", "flagrelease/data/lm_eval_tasks",
+             "flagrelease/vllm_plugin.py", "flagrelease/oplib"),
+    "gate": ("flagrelease/stats.py", "flagrelease/bisect.py"),
+    "card": ("flagrelease/manifest.py", "flagrelease/render.py", "flagrelease/schema", "templates/card",
+             "templates/flagscale"),
+    "publish": ("flagrelease/manifest.py",),
+}
+
+
 def _code_digest(stage: str) -> str:
+    from flagrelease.constants import REPO_ROOT
+
     module = importlib.import_module(_MODULES[stage])
     path = Path(module.__file__ or "")
-    files = [path] if path.name != "__init__.py" else sorted(path.parent.rglob("*.py"))
+    if path.name == "__init__.py":
+        files = sorted(path.parent.rglob("*.py"))
+    else:  # the stage module and its private helpers (_fetch_*.py, ...)
+        files = [path, *sorted(path.parent.glob(f"_{stage}*.py"))]
+    for extra in _STAGE_CODE.get(stage, ()):
+        target = REPO_ROOT / extra
+        if target.is_dir():
+            files += sorted(f for f in target.rglob("*") if f.is_file() and "__pycache__" not in f.parts)
+        elif target.is_file():
+            files.append(target)
     h = hashlib.sha256(__version__.encode())
     for f in files:
+        h.update(f.name.encode())
         h.update(f.read_bytes())
     return h.hexdigest()[:16]
 
