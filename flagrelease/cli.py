@@ -158,8 +158,9 @@ def _cmd_gate(args: argparse.Namespace) -> int:
 def _cmd_card(args: argparse.Namespace) -> int:
     from flagrelease.card import render_card_cli
 
-    out = render_card_cli(Path(args.config), results=Path(args.results) if args.results else None,
-                          out_dir=Path(args.out))
+    out = render_card_cli(
+        Path(args.config), results=Path(args.results) if args.results else None, out_dir=Path(args.out)
+    )
     print(out)
     return 0
 
@@ -181,9 +182,18 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     from flagrelease.probe import probe_gems
 
     cfg = load_release(args.config)
-    report = probe_gems(cfg, out_dir=Path(args.out) if args.out else None, weights=args.weights)
+    report = probe_gems(
+        cfg,
+        out_dir=Path(args.out) if args.out else None,
+        weights=Path(args.weights) if args.weights else None,
+        ops=args.ops.split(",") if args.ops else None,
+        timeout_s=args.timeout,
+        model_config=Path(args.model_config) if args.model_config else None,
+        layers=args.layers,
+        jobs=args.jobs,
+    )
     print(report.to_text())
-    return 0
+    return 1 if report.verdict == "failed" else 0
 
 
 def _cmd_runtime(args: argparse.Namespace) -> int:
@@ -199,8 +209,7 @@ def _cmd_chips(args: argparse.Namespace) -> int:
 
     for name in list_chips():
         chip = load_chip(name)
-        print(f"{name:18s} {chip.vendor:10s} {chip.device_type:11s} gems={chip.gems_vendor:10s} "
-              f"pool={chip.work_pool}")
+        print(f"{name:18s} {chip.vendor:10s} {chip.device_type:11s} gems={chip.gems_vendor:10s} pool={chip.work_pool}")
     return 0
 
 
@@ -285,6 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("config")
     s.add_argument("--out")
     s.add_argument("--weights", help="checkpoint folder (default: random weights of the release's architecture)")
+    s.add_argument("--model-config", help="config.json for random weights (default: the release's)")
+    s.add_argument("--layers", type=int, help="keep this many decoder layers (default: 2 with random weights)")
+    s.add_argument("--ops", help="comma-separated FlagGems operators (default: every one the model uses)")
+    s.add_argument("--timeout", type=float, default=120, help="seconds per operator process")
+    s.add_argument("--jobs", type=int, default=1, help="operator processes at once")
     s.set_defaults(func=_cmd_probe)
 
     s = sub.add_parser("runtime", help="prepare the serving runtime for a chip (default: cpu)")

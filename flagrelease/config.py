@@ -8,7 +8,7 @@ value and the valid choices.
 from __future__ import annotations
 
 import re
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
@@ -68,7 +68,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", use_enum_values=False, validate_default=True)
 
 
-class ModelSource(str, Enum):
+class ModelSource(StrEnum):
     """Where the weights come from."""
 
     HF = "hf"
@@ -76,7 +76,7 @@ class ModelSource(str, Enum):
     LOCAL = "local"
 
 
-class ConvertMode(str, Enum):
+class ConvertMode(StrEnum):
     """What the convert stage does to the checkpoint."""
 
     NONE = "none"
@@ -86,7 +86,7 @@ class ConvertMode(str, Enum):
     INT4_W4A16 = "int4-w4a16"
 
 
-class RuntimeKind(str, Enum):
+class RuntimeKind(StrEnum):
     """How the deploy stage runs the engine."""
 
     LOCAL = "local"
@@ -566,7 +566,11 @@ def _format_errors(path: str, err: ValidationError) -> list[tuple[str, str]]:
         elif e["type"] == "missing":
             msg = "required field is missing"
         bad = e.get("input")
-        if e["type"] not in ("missing", "extra_forbidden") and isinstance(bad, str | int | float | bool) and repr(bad) not in msg:
+        if (
+            e["type"] not in ("missing", "extra_forbidden")
+            and isinstance(bad, str | int | float | bool)
+            and repr(bad) not in msg
+        ):
             msg = f"{msg} (got {bad!r})"
         out.append((loc, msg))
     return out
@@ -595,8 +599,11 @@ def parse_release(data: Any, *, path: Path | str = "<config>") -> ReleaseConfig:
     """
     path = Path(path)
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a release config must be a YAML mapping", path=str(path),
-                          errors=[("(top level)", "must be a mapping")])
+        raise ConfigError(
+            f"{path}: a release config must be a YAML mapping",
+            path=str(path),
+            errors=[("(top level)", "must be a mapping")],
+        )
     data = dict(data)
     data.setdefault("name", path.stem)
     try:
@@ -631,8 +638,9 @@ def load_release(path: Path | str) -> ReleaseConfig:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}", path=str(path),
-                          errors=[("(file)", "not valid YAML")]) from err
+        raise ConfigError(
+            f"{path}: not valid YAML: {err}", path=str(path), errors=[("(file)", "not valid YAML")]
+        ) from err
     return parse_release(data, path=path)
 
 

@@ -17,6 +17,7 @@ __all__ = [
     "GateError",
     "ImageError",
     "ProbeError",
+    "PublishBlockedError",
     "PublishError",
     "RuntimeSetupError",
 ]
@@ -128,3 +129,7 @@ class PublishError(FlagReleaseError, OSError):
     """Publishing the bundle failed."""
 
     stage = "publish"
+
+
+class PublishBlockedError(PublishError):
+    """Publishing is refused (the release failed its gate); retrying cannot help."""

@@ -134,11 +134,24 @@ class ReleaseContext:
         return self.results[stage]
 
     @classmethod
-    def create(cls, cfg: ReleaseConfig, *, config_path: Path | None = None, dry_run: bool = False,
-               progress: ProgressFn | None = None, **options: Any) -> ReleaseContext:
+    def create(
+        cls,
+        cfg: ReleaseConfig,
+        *,
+        config_path: Path | None = None,
+        dry_run: bool = False,
+        progress: ProgressFn | None = None,
+        **options: Any,
+    ) -> ReleaseContext:
         """A context for ``cfg`` with its default layout."""
-        return cls(config=cfg, layout=BundleLayout.for_release(cfg).ensure(), config_path=config_path,
-                   dry_run=dry_run, progress=progress or _no_progress, options=dict(options))
+        return cls(
+            config=cfg,
+            layout=BundleLayout.for_release(cfg).ensure(),
+            config_path=config_path,
+            dry_run=dry_run,
+            progress=progress or _no_progress,
+            options=dict(options),
+        )
 
 
 def stage_function(stage: str) -> Callable[[ReleaseContext], StageResult]:
@@ -159,15 +172,36 @@ def stage_function(stage: str) -> Callable[[ReleaseContext], StageResult]:
 _STAGE_CODE: dict[str, tuple[str, ...]] = {
     "fetch": ("flagrelease/tinymodel.py", "flagrelease/_filehash.py", "flagrelease/_safetensors.py"),
     "convert": ("flagrelease/_safetensors.py",),
-    "image": ("flagrelease/render.py", "flagrelease/_oci.py", "flagrelease/_wheel.py",
-              "flagrelease/_image_install.py", "templates/docker", "templates/flagscale"),
-    "deploy": ("flagrelease/render.py", "flagrelease/runtime.py", "flagrelease/vllm_plugin.py",
-               "flagrelease/oplib", "templates/flagscale"),
-    "eval": ("flagrelease/_lmeval.py", "flagrelease/deploy", "flagrelease/data/lm_eval_tasks",
-             "flagrelease/vllm_plugin.py", "flagrelease/oplib"),
+    "image": (
+        "flagrelease/render.py",
+        "flagrelease/_oci.py",
+        "flagrelease/_wheel.py",
+        "flagrelease/_image_install.py",
+        "templates/docker",
+        "templates/flagscale",
+    ),
+    "deploy": (
+        "flagrelease/render.py",
+        "flagrelease/runtime.py",
+        "flagrelease/vllm_plugin.py",
+        "flagrelease/oplib",
+        "templates/flagscale",
+    ),
+    "eval": (
+        "flagrelease/_lmeval.py",
+        "flagrelease/deploy",
+        "flagrelease/data/lm_eval_tasks",
+        "flagrelease/vllm_plugin.py",
+        "flagrelease/oplib",
+    ),
     "gate": ("flagrelease/stats.py", "flagrelease/bisect.py"),
-    "card": ("flagrelease/manifest.py", "flagrelease/render.py", "flagrelease/schema", "templates/card",
-             "templates/flagscale"),
+    "card": (
+        "flagrelease/manifest.py",
+        "flagrelease/render.py",
+        "flagrelease/schema",
+        "templates/card",
+        "templates/flagscale",
+    ),
     "publish": ("flagrelease/manifest.py",),
 }
 
@@ -243,7 +277,9 @@ def execute_stage(ctx: ReleaseContext, stage: str, *, force: bool = False) -> St
     return result
 
 
-def run_pipeline(ctx: ReleaseContext, *, stages: Sequence[str] | None = None, force: bool = False) -> dict[str, StageResult]:
+def run_pipeline(
+    ctx: ReleaseContext, *, stages: Sequence[str] | None = None, force: bool = False
+) -> dict[str, StageResult]:
     """Run ``stages`` (default: all) in pipeline order, without Prefect.
 
     Stages whose fingerprint matches their saved result are skipped.

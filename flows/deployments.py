@@ -66,15 +66,18 @@ def deployment_specs(config_dir: Path | None = None, *, absolute: bool = False) 
             config = str(path if absolute else path.relative_to(REPO_ROOT))
         except ValueError:
             config = str(path)
-        specs.append(DeploymentSpec(
-            name=path.stem,
-            config=config,
-            work_pool=chip.work_pool,
-            tags=sorted({"flagrelease", f"chip:{chip.name}", f"vendor:{chip.vendor}", f"pool:{chip.work_pool}",
-                         *cfg.tags}),
-            cron=cfg.schedule,
-            description=cfg.description or f"{cfg.model.repo_id} on {chip.display_name}",
-        ))
+        specs.append(
+            DeploymentSpec(
+                name=path.stem,
+                config=config,
+                work_pool=chip.work_pool,
+                tags=sorted(
+                    {"flagrelease", f"chip:{chip.name}", f"vendor:{chip.vendor}", f"pool:{chip.work_pool}", *cfg.tags}
+                ),
+                cron=cfg.schedule,
+                description=cfg.description or f"{cfg.model.repo_id} on {chip.display_name}",
+            )
+        )
     if errors:
         raise ConfigError("invalid release configs:\n" + "\n".join(errors))
     return specs
@@ -88,8 +91,9 @@ async def _ensure_pools(pools: set[str]) -> None:
     async with get_client() as client:
         for pool in sorted(pools):
             try:
-                await client.create_work_pool(WorkPoolCreate(name=pool, type="process",
-                                                             description=f"workers on {pool} hardware"))
+                await client.create_work_pool(
+                    WorkPoolCreate(name=pool, type="process", description=f"workers on {pool} hardware")
+                )
                 log.info("created work pool %s", pool)
             except ObjectAlreadyExists:
                 pass

@@ -46,8 +46,12 @@ def _summary_markdown(name: str, results: dict[str, dict[str, Any]]) -> str:
     return f"# Release {name}\n\n" + "\n".join(rows) + "\n"
 
 
-@flow(name="flagrelease", description="Release one model on one chip: fetch, convert, image, deploy, "
-      "eval, gate, card, publish.", persist_result=True, log_prints=True)
+@flow(
+    name="flagrelease",
+    description="Release one model on one chip: fetch, convert, image, deploy, eval, gate, card, publish.",
+    persist_result=True,
+    log_prints=True,
+)
 def flagrelease(
     config: str,
     stages: list[str] | None = None,
@@ -77,15 +81,20 @@ def flagrelease(
     logger.info("release %s: %s on %s, stages %s", cfg.name, cfg.model.repo_id, cfg.chip, ", ".join(wanted))
     results: dict[str, dict[str, Any]] = {}
     for stage in wanted:
-        results[stage] = STAGE_TASKS[stage](str(path), dict(results), dry_run=dry_run, force=force,
-                                            options=options or {})
-    create_markdown_artifact(_summary_markdown(cfg.name, results), key=f"release-{cfg.name}".replace(".", "-")
-                             .replace("_", "-"), description=f"{cfg.name}: release summary")
+        results[stage] = STAGE_TASKS[stage](
+            str(path), dict(results), dry_run=dry_run, force=force, options=options or {}
+        )
+    create_markdown_artifact(
+        _summary_markdown(cfg.name, results),
+        key=f"release-{cfg.name}".replace(".", "-").replace("_", "-"),
+        description=f"{cfg.name}: release summary",
+    )
     return results
 
 
-def run_release(config: Path | str, *, stages: list[str] | None = None, dry_run: bool = False,
-                force: bool = False) -> dict[str, StageResult]:
+def run_release(
+    config: Path | str, *, stages: list[str] | None = None, dry_run: bool = False, force: bool = False
+) -> dict[str, StageResult]:
     """Run the flow in this process (Prefect's API, or an ephemeral server) and return stage results."""
     out = flagrelease(str(config), stages=stages, dry_run=dry_run, force=force)
     return {s: StageResult.from_json(d) for s, d in out.items()}

@@ -15,6 +15,7 @@ import re
 import time
 from datetime import timedelta
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from prefect import Task, get_run_logger, task
@@ -28,6 +29,7 @@ from prefect.context import TaskRunContext
 
 from flagrelease._redact import RedactingFilter, redact, redact_obj
 from flagrelease.config import load_release
+from flagrelease.errors import ConfigError, PublishBlockedError
 from flagrelease.pipeline import (
     ReleaseContext,
     StageResult,
@@ -44,8 +46,9 @@ def _artifact_key(*parts: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")[:100]
 
 
-def build_context(config: str, upstream: dict[str, dict[str, Any]], *, dry_run: bool,
-                  options: dict[str, Any] | None = None) -> ReleaseContext:
+def build_context(
+    config: str, upstream: dict[str, dict[str, Any]], *, dry_run: bool, options: dict[str, Any] | None = None
+) -> ReleaseContext:
     """The library context for a task: config, layout and upstream results."""
     cfg = load_release(Path(config))
     ctx = ReleaseContext.create(cfg, config_path=Path(config), dry_run=dry_run, **(options or {}))
@@ -58,8 +61,9 @@ def _cache_key(stage: str):  # type: ignore[no-untyped-def]
     def key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
         if parameters.get("dry_run") or parameters.get("force"):
             return None
-        ctx = build_context(parameters["config"], parameters.get("upstream") or {}, dry_run=False,
-                            options=parameters.get("options"))
+        ctx = build_context(
+            parameters["config"], parameters.get("upstream") or {}, dry_run=False, options=parameters.get("options")
+        )
         fingerprint = stage_fingerprint(ctx, stage)
         saved = load_stage_result(ctx.layout, stage)
         # Only trust the cache while the stage's output is still on disk.
@@ -83,8 +87,9 @@ class _Progress:
         if fraction < 1.0 and now - self.last < 2.0:
             return
         self.last = now
-        update_progress_artifact(self.artifact_id, min(max(fraction, 0.0), 1.0) * 100.0,
-                                 description=redact(message) or None)
+        update_progress_artifact(
+            self.artifact_id, min(max(fraction, 0.0), 1.0) * 100.0, description=redact(message) or None
+        )
 
 
 def _publish_artifacts(ctx: ReleaseContext, result: StageResult) -> None:
@@ -93,12 +98,14 @@ def _publish_artifacts(ctx: ReleaseContext, result: StageResult) -> None:
     for key, value in redact_obj(result.outputs).items():
         if isinstance(value, str | int | float | bool) or value is None:
             lines.append(f"- **{key}**: `{value}`")
-    create_markdown_artifact("\n".join(lines), key=_artifact_key(name, stage),
-                             description=f"{name}: what the {stage} stage did")
+    create_markdown_artifact(
+        "\n".join(lines), key=_artifact_key(name, stage), description=f"{name}: what the {stage} stage did"
+    )
     for table, rows in result.tables.items():
         if rows:
-            create_table_artifact(redact_obj(rows), key=_artifact_key(name, stage, table),
-                                  description=f"{name}: {stage} / {table}")
+            create_table_artifact(
+                redact_obj(rows), key=_artifact_key(name, stage, table), description=f"{name}: {stage} / {table}"
+            )
 
 
 def _redact_prefect_logs() -> None:
@@ -108,8 +115,9 @@ def _redact_prefect_logs() -> None:
                 handler.addFilter(RedactingFilter())
 
 
-def stage_task(stage: str, *, retries: int = 0, retry_delay_seconds: float = 10,
-               timeout_seconds: float | None = None) -> Task[..., dict[str, Any]]:
+def stage_task(
+    stage: str, *, retries: int = 0, retry_delay_seconds: float = 10, timeout_seconds: float | None = None
+) -> Task[..., dict[str, Any]]:
     """Build the Prefect task that runs ``stage``.
 
     Args:
@@ -117,18 +125,28 @@ def stage_task(stage: str, *, retries: int = 0, retry_delay_seconds: float = 10,
         retries: how many times Prefect retries a failed run.
         retry_delay_seconds: wait between retries.
         timeout_seconds: hard limit for one attempt.
+        prepare: called with the context before the stage runs, e.g. to resolve
+            Prefect Secret blocks into ``ctx.options`` (never into task parameters,
+            which Prefect stores).
 
     Returns:
         A task taking ``(config, upstream, dry_run, force, options)`` and returning the
         stage result as JSON.
     """
 
-    def run(config: str, upstream: dict[str, dict[str, Any]], dry_run: bool = False, force: bool = False,
-            options: dict[str, Any] | None = None) -> dict[str, Any]:
+    def run(
+        config: str,
+        upstream: dict[str, dict[str, Any]],
+        dry_run: bool = False,
+        force: bool = False,
+        options: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         _redact_prefect_logs()
         logger = get_run_logger()
         ctx = build_context(config, upstream, dry_run=dry_run, options=options)
         ctx.progress = _Progress(ctx.config.name, stage)
+        if prepare is not None:
+            prepare(ctx)
         result = execute_stage(ctx, stage, force=force)
         ctx.progress(stage, 1.0, result.summary)
         _publish_artifacts(ctx, result)
@@ -141,6 +159,7 @@ def stage_task(stage: str, *, retries: int = 0, retry_delay_seconds: float = 10,
         name=stage,
         retries=retries,
         retry_delay_seconds=retry_delay_seconds,
+        retry_condition_fn=_retry_unless_deterministic,
         timeout_seconds=timeout_seconds,
         cache_key_fn=_cache_key(stage),
         cache_expiration=timedelta(days=30),

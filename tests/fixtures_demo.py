@@ -71,7 +71,10 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory, prefect_server: PrefectSe
     config = write_demo_config(root / "configs", root)
     proc = subprocess.run(
         [FLAGRELEASE, "run", str(config)],
-        env=prefect_server.env(), capture_output=True, text=True, timeout=1800,
+        env=prefect_server.env(),
+        capture_output=True,
+        text=True,
+        timeout=1800,
     )
     output = proc.stdout + proc.stderr
     (root / "run.log").write_text(output)

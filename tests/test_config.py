@@ -52,7 +52,9 @@ def test_iluvatar_config_matches_the_seed_card() -> None:
     assert (args.tensor_parallel_size, args.pipeline_parallel_size) == (8, 4)
     assert (args.max_num_seqs, args.max_model_len, args.gpu_memory_utilization, args.port) == (256, 5120, 0.8, 9010)
     assert [n.hostfile_line() for n in cfg.serve.nodes] == [
-        "iluvatar-node-0 slots=16 type=gpu", "iluvatar-node-1 slots=16 type=gpu"]
+        "iluvatar-node-0 slots=16 type=gpu",
+        "iluvatar-node-1 slots=16 type=gpu",
+    ]
     assert cfg.serve.envs == {"CUDA_DEVICE_MAX_CONNECTIONS": "1"}
     assert 'export TRITON_CACHE_DIR="/cache"' in cfg.serve.before_start
     assert cfg.convert.mode is ConvertMode.INT8_W8A8
@@ -110,8 +112,10 @@ def test_zero_or_negative_parallelism(tmp_path: Path, value: int) -> None:
 
 
 def test_parallelism_larger_than_the_nodes_slots(tmp_path: Path) -> None:
-    serve = {"engine_args": {"tensor_parallel_size": 8, "pipeline_parallel_size": 4},
-             "nodes": ["10.0.0.1 slots=16 type=gpu"]}
+    serve = {
+        "engine_args": {"tensor_parallel_size": 8, "pipeline_parallel_size": 4},
+        "nodes": ["10.0.0.1 slots=16 type=gpu"],
+    }
     errors = _errors(tmp_path, {**BASE, "chip": "iluvatar-bi-v150", "serve": serve})
     assert errors[0][0] == "serve"
     assert "= 32 exceeds the 16 slots" in errors[0][1]

@@ -8,6 +8,7 @@ library on, evaluated against its BF16 reference, gated, carded and published lo
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -25,7 +26,7 @@ def test_every_stage_completed(demo_run: DemoRun) -> None:
 
 def test_fetch_wrote_a_checksum_manifest(demo_run: DemoRun) -> None:
     out = demo_run.state("fetch")["outputs"]
-    manifest = json.loads(open(out["manifest"]).read())
+    manifest = json.loads(Path(out["manifest"]).read_text())
     text = json.dumps(manifest)
     assert "model.safetensors" in text and "sha256" in text
     assert out["files"] >= 4
@@ -43,7 +44,7 @@ def test_convert_wrote_compressed_tensors_int8(demo_run: DemoRun) -> None:
 
 def test_dockerfile_was_rendered_for_the_cpu_chip(demo_run: DemoRun) -> None:
     out = demo_run.state("image")["outputs"]
-    dockerfile = open(out["dockerfile"]).read()
+    dockerfile = Path(out["dockerfile"]).read_text()
     assert "FROM " in dockerfile and "USE_FLAGGEMS" in dockerfile and "HEALTHCHECK" in dockerfile
 
 
@@ -80,4 +81,3 @@ def test_card_and_bundle_were_published(demo_run: DemoRun) -> None:
     assert "TBD" not in card
     manifest = json.loads((published / "flagrelease.json").read_text())
     assert manifest["model"]["repo_id"] == "flagrelease/tiny-qwen2"
-    assert f"The demo release is done" not in demo_run.output or "README.md" in demo_run.output

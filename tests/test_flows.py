@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from flagrelease.constants import REPO_ROOT
-from tests.fixtures_demo import DemoRun, write_demo_config
+from tests.fixtures_demo import DemoRun
 from tests.fixtures_prefect import PrefectServer
 
 BIN = Path(sys.executable).parent
@@ -33,18 +33,21 @@ def _deployments(server: PrefectServer) -> dict[str, dict]:
 
 
 def test_library_never_imports_prefect() -> None:
-    code = ("import sys, pkgutil, importlib, flagrelease\n"
-            "for m in pkgutil.walk_packages(flagrelease.__path__, 'flagrelease.'):\n"
-            "    if m.name.endswith('vllm_plugin'): continue\n"
-            "    importlib.import_module(m.name)\n"
-            "bad = [m for m in sys.modules if m == 'prefect' or m.startswith('prefect.')]\n"
-            "assert not bad, bad\n")
+    code = (
+        "import sys, pkgutil, importlib, flagrelease\n"
+        "for m in pkgutil.walk_packages(flagrelease.__path__, 'flagrelease.'):\n"
+        "    if m.name.endswith('vllm_plugin'): continue\n"
+        "    importlib.import_module(m.name)\n"
+        "bad = [m for m in sys.modules if m == 'prefect' or m.startswith('prefect.')]\n"
+        "assert not bad, bad\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT)
 
 
 def test_deploy_registers_one_deployment_per_config_in_the_chips_pool(prefect_server: PrefectServer) -> None:
-    proc = subprocess.run([str(BIN / "flagrelease"), "deploy"], env=prefect_server.env(),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [str(BIN / "flagrelease"), "deploy"], env=prefect_server.env(), capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     deployments = _deployments(prefect_server)
     expected = {p.stem for p in (REPO_ROOT / "release_configs").glob("*.yaml")}
@@ -57,18 +60,29 @@ def test_deploy_registers_one_deployment_per_config_in_the_chips_pool(prefect_se
 
 
 def test_deployments_show_in_the_prefect_ui(prefect_server: PrefectServer, tmp_path: Path) -> None:
-    subprocess.run([str(BIN / "flagrelease"), "deploy"], env=prefect_server.env(), check=True,
-                   capture_output=True, timeout=300)
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'chromium'}", "--virtual-time-budget=20000"]
+    subprocess.run(
+        [str(BIN / "flagrelease"), "deploy"], env=prefect_server.env(), check=True, capture_output=True, timeout=300
+    )
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chromium'}",
+        "--virtual-time-budget=20000",
+    ]
     url = f"{prefect_server.ui_url}/deployments"
     dom = subprocess.run(["chromium", *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
     for name in ("deepseek-r1-iluvatar", "deepseek-r1-distill-qwen-32b-nvidia", "demo-tiny-cpu"):
         assert name in dom, f"{name} not shown on {url}"
     shot = tmp_path / "deployments.png"
-    subprocess.run(["chromium", *flags, "--window-size=1400,900", f"--screenshot={shot}", url],
-                   capture_output=True, timeout=120)
+    subprocess.run(
+        ["chromium", *flags, "--window-size=1400,900", f"--screenshot={shot}", url], capture_output=True, timeout=120
+    )
     assert shot.stat().st_size > 10_000
 
 
@@ -84,18 +98,28 @@ def _wait_for_run(server: PrefectServer, run_id: str, timeout: float) -> dict:
 
 def test_served_deployment_run_reaches_completed(demo_run: DemoRun, prefect_server: PrefectServer) -> None:
     """`flagrelease serve` + `prefect deployment run flagrelease/demo-tiny-cpu`, reusing the demo's work."""
-    serve = subprocess.Popen([str(BIN / "flagrelease"), "serve", "--config-dir", str(demo_run.config.parent)],
-                             env=prefect_server.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             start_new_session=True)
+    serve = subprocess.Popen(
+        [str(BIN / "flagrelease"), "serve", "--config-dir", str(demo_run.config.parent)],
+        env=prefect_server.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 120
-        while "demo-tiny-cpu" not in _deployments(prefect_server) or \
-                _deployments(prefect_server)["demo-tiny-cpu"]["parameters"]["config"] != str(demo_run.config):
+        while "demo-tiny-cpu" not in _deployments(prefect_server) or _deployments(prefect_server)["demo-tiny-cpu"][
+            "parameters"
+        ]["config"] != str(demo_run.config):
             assert serve.poll() is None, serve.stdout.read().decode() if serve.stdout else ""
             assert time.monotonic() < deadline, "served deployment never registered"
             time.sleep(1)
-        proc = subprocess.run([str(BIN / "prefect"), "deployment", "run", "flagrelease/demo-tiny-cpu"],
-                              env=prefect_server.env(), capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [str(BIN / "prefect"), "deployment", "run", "flagrelease/demo-tiny-cpu"],
+            env=prefect_server.env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 0, proc.stdout + proc.stderr
         run_id = next(line.split("UUID:")[1].strip() for line in proc.stdout.splitlines() if "UUID:" in line)
         run = _wait_for_run(prefect_server, run_id, timeout=900)
@@ -108,23 +132,31 @@ def test_served_deployment_run_reaches_completed(demo_run: DemoRun, prefect_serv
             os.killpg(serve.pid, signal.SIGKILL)
     # Nothing changed since the demo, so no stage did any work: every result is the demo's.
     for stage in ("fetch", "convert", "deploy", "eval"):
-        assert demo_run.state(stage)["finished_at"] == json.loads(
-            (demo_run.work / "state" / f"{stage}.json").read_text())["finished_at"]
+        assert (
+            demo_run.state(stage)["finished_at"]
+            == json.loads((demo_run.work / "state" / f"{stage}.json").read_text())["finished_at"]
+        )
 
 
 def test_rerun_with_nothing_changed_does_no_stage_work(demo_run: DemoRun, prefect_server: PrefectServer) -> None:
     before = {s: demo_run.state(s)["finished_at"] for s in ("fetch", "convert", "deploy", "eval", "gate", "card")}
     started = time.monotonic()
-    proc = subprocess.run([str(BIN / "flagrelease"), "run", str(demo_run.config)], env=prefect_server.env(),
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [str(BIN / "flagrelease"), "run", str(demo_run.config)],
+        env=prefect_server.env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     after = {s: demo_run.state(s)["finished_at"] for s in before}
     assert after == before
     assert time.monotonic() - started < 240, "a cached re-run must not serve or evaluate again"
 
 
-def test_failed_run_resumes_at_the_failed_stage(demo_run: DemoRun, prefect_server: PrefectServer,
-                                                tmp_path: Path) -> None:
+def test_failed_run_resumes_at_the_failed_stage(
+    demo_run: DemoRun, prefect_server: PrefectServer, tmp_path: Path
+) -> None:
     """Break publishing (its folder is a file), run, fix, run again: only publish re-runs."""
     blocker = tmp_path / "publish-here"
     blocker.write_text("a file where the publish folder should be")
@@ -134,13 +166,23 @@ def test_failed_run_resumes_at_the_failed_stage(demo_run: DemoRun, prefect_serve
     broken.parent.mkdir()
     broken.write_text(yaml.safe_dump(data))
     before = {s: demo_run.state(s)["finished_at"] for s in ("fetch", "convert", "deploy", "eval", "gate")}
-    proc = subprocess.run([str(BIN / "flagrelease"), "run", str(broken)], env=prefect_server.env(),
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [str(BIN / "flagrelease"), "run", str(broken)],
+        env=prefect_server.env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode != 0
     assert "publish" in (proc.stdout + proc.stderr)
     blocker.unlink()
-    proc = subprocess.run([str(BIN / "flagrelease"), "run", str(broken)], env=prefect_server.env(),
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [str(BIN / "flagrelease"), "run", str(broken)],
+        env=prefect_server.env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (blocker / "README.md").is_file()
     after = {s: demo_run.state(s)["finished_at"] for s in before}
