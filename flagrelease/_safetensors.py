@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import struct
 from dataclasses import dataclass
@@ -12,10 +13,22 @@ __all__ = ["DTYPE_SIZES", "SafetensorsHeader", "TensorInfo", "read_header"]
 
 #: Bytes per element of each safetensors dtype.
 DTYPE_SIZES: dict[str, float] = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8,
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "F8_E8M0": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
     "F4": 0.5,
 }
 _MAX_HEADER = 100 << 20
@@ -112,7 +125,7 @@ def _check(header: SafetensorsHeader, size: int) -> None:
             )
         spans.append((t.start, t.end, t.name))
     spans.sort()
-    for (s0, e0, n0), (s1, _e1, n1) in zip(spans, spans[1:], strict=False):
+    for (_s0, e0, n0), (s1, _e1, n1) in itertools.pairwise(spans):
         if s1 < e0:
             raise ValueError(f"{name}: tensors {n0!r} and {n1!r} overlap")
     data = size - header.data_offset

@@ -8,7 +8,7 @@ chip means adding a YAML file (and, if its family is new, a Dockerfile template)
 from __future__ import annotations
 
 import re
-from enum import Enum
+from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
 
@@ -24,7 +24,7 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-class Accelerator(str, Enum):
+class Accelerator(StrEnum):
     """What kind of device the chip is."""
 
     GPU = "gpu"

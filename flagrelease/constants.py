@@ -15,6 +15,10 @@ __all__ = [
     "aws_credentials",
     "cache_dir",
     "docker_host",
+    "gems_exclude",
+    "gems_inject",
+    "gems_record_dir",
+    "gems_vendor",
     "hf_endpoint",
     "hf_token",
     "home_dir",
@@ -26,6 +30,7 @@ __all__ = [
     "secret_values",
     "serve_python",
     "templates_dir",
+    "use_flaggems",
 ]
 
 #: The checkout (or install prefix) that holds templates/ and release_configs/.
@@ -130,3 +135,30 @@ def secret_values() -> list[str]:
     """The current values of every secret variable, longest first, for redaction."""
     values = {v for name in SECRET_ENV_VARS if (v := _env(name)) and len(v) >= 4}
     return sorted(values, key=len, reverse=True)
+
+
+def use_flaggems() -> bool:
+    """Whether the serving plugin enables FlagGems: ``$USE_FLAGGEMS`` is 1, true or yes."""
+    return (_env("USE_FLAGGEMS") or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def gems_vendor() -> str | None:
+    """The FlagGems vendor name, ``$GEMS_VENDOR`` (``cpu`` selects flagrelease's reference operators)."""
+    value = _env("GEMS_VENDOR")
+    return value.strip().lower() if value else None
+
+
+def gems_exclude() -> list[str]:
+    """Operators the serving plugin leaves off, ``$FLAGRELEASE_GEMS_EXCLUDE`` (comma separated)."""
+    return [op.strip() for op in (_env("FLAGRELEASE_GEMS_EXCLUDE") or "").split(",") if op.strip()]
+
+
+def gems_record_dir() -> Path | None:
+    """Where each serving process records the operators that ran, ``$FLAGRELEASE_GEMS_RECORD``."""
+    value = _env("FLAGRELEASE_GEMS_RECORD")
+    return Path(value) if value else None
+
+
+def gems_inject() -> str | None:
+    """A deliberately broken operator for tests, ``$FLAGRELEASE_GEMS_INJECT`` (``op[:mode]``)."""
+    return _env("FLAGRELEASE_GEMS_INJECT")

@@ -202,7 +202,7 @@ _STAGE_CODE: dict[str, tuple[str, ...]] = {
         "templates/card",
         "templates/flagscale",
     ),
-    "publish": ("flagrelease/manifest.py",),
+    "publish": ("flagrelease/manifest.py", "flagrelease/_filehash.py"),
 }
 
 
@@ -239,7 +239,8 @@ def stage_fingerprint(ctx: ReleaseContext, stage: str) -> str:
         "options": {k: v for k, v in sorted(ctx.options.items()) if isinstance(v, str | int | float | bool)},
     }
     upstream = STAGES[: STAGES.index(stage)]
-    parts["upstream"] = {s: ctx.results[s].fingerprint for s in upstream if s in ctx.results}
+    known = {s: ctx.results.get(s) or load_stage_result(ctx.layout, s) for s in upstream}
+    parts["upstream"] = {s: r.fingerprint for s, r in known.items() if r is not None}
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:24]
 

@@ -37,26 +37,45 @@ def _plan(cfg: ReleaseConfig) -> ReleasePlan:
     image_ref = "/".join(p for p in (cfg.image.registry, cfg.image.name) if p) + f":{cfg.image.tag}"
     steps = [
         ("fetch", f"{where} -> {layout.source_dir}"),
-        ("convert", "none (serve the fetched weights)" if cfg.convert.mode is ConvertMode.NONE
-         else f"{cfg.convert.mode.value}, streaming, ignore {', '.join(cfg.convert.ignore)}"),
+        (
+            "convert",
+            "none (serve the fetched weights)"
+            if cfg.convert.mode is ConvertMode.NONE
+            else f"{cfg.convert.mode.value}, streaming, ignore {', '.join(cfg.convert.ignore)}",
+        ),
         ("image", f"{chip.dockerfile_template} FROM {cfg.image.base or chip.base_image} -> {image_ref}"),
-        ("deploy", f"{cfg.runtime.value} runtime on {len(cfg.nodes)} node(s) x {cfg.nodes[0].slots} slots, "
-                   f"TP={args.tensor_parallel_size} PP={args.pipeline_parallel_size}, FlagGems {gems}{excluded}, "
-                   f"work pool {chip.work_pool}"),
-        ("eval", f"{', '.join(t.name for t in cfg.eval.tasks) or 'no tasks'}; k={cfg.eval.samples_per_item}; "
-                 f"reference {ref.chip} ({ref.mode}, {ref.weights} weights)"),
-        ("gate", f"paired TOST, margin {cfg.gates.accuracy_margin} pts, alpha {cfg.gates.alpha}; "
-                 f"throughput on/off >= {cfg.gates.throughput_min_ratio}"),
+        (
+            "deploy",
+            f"{cfg.runtime.value} runtime on {len(cfg.nodes)} node(s) x {cfg.nodes[0].slots} slots, "
+            f"TP={args.tensor_parallel_size} PP={args.pipeline_parallel_size}, FlagGems {gems}{excluded}, "
+            f"work pool {chip.work_pool}",
+        ),
+        (
+            "eval",
+            f"{', '.join(t.name for t in cfg.eval.tasks) or 'no tasks'}; k={cfg.eval.samples_per_item}; "
+            f"reference {ref.chip} ({ref.mode}, {ref.weights} weights)",
+        ),
+        (
+            "gate",
+            f"paired TOST, margin {cfg.gates.accuracy_margin} pts, alpha {cfg.gates.alpha}; "
+            f"throughput on/off >= {cfg.gates.throughput_min_ratio}",
+        ),
         ("card", f"{layout.card_path}"),
-        ("publish", ", ".join(
-            d for d in (
-                cfg.publish.hf_repo and f"hf:{cfg.publish.hf_repo}",
-                cfg.publish.modelscope_repo and f"modelscope:{cfg.publish.modelscope_repo}",
-                cfg.publish.s3 and f"s3://{cfg.publish.s3.bucket}/{cfg.publish.s3.prefix}",
-                cfg.publish.registry and f"registry:{cfg.publish.registry}",
-                cfg.publish.local_dir and f"dir:{cfg.publish.local_dir}",
-            ) if d
-        ) or "nowhere configured"),
+        (
+            "publish",
+            ", ".join(
+                d
+                for d in (
+                    cfg.publish.hf_repo and f"hf:{cfg.publish.hf_repo}",
+                    cfg.publish.modelscope_repo and f"modelscope:{cfg.publish.modelscope_repo}",
+                    cfg.publish.s3 and f"s3://{cfg.publish.s3.bucket}/{cfg.publish.s3.prefix}",
+                    cfg.publish.registry and f"registry:{cfg.publish.registry}",
+                    cfg.publish.local_dir and f"dir:{cfg.publish.local_dir}",
+                )
+                if d
+            )
+            or "nowhere configured",
+        ),
     ]
     return ReleasePlan(cfg.name, steps)
 

