@@ -13,9 +13,9 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 from prefect import Task, get_run_logger, task
@@ -25,7 +25,9 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.client.schemas.objects import TaskRun
 from prefect.context import TaskRunContext
+from prefect.states import State
 
 from flagrelease._redact import RedactingFilter, redact, redact_obj
 from flagrelease.config import load_release
@@ -115,8 +117,22 @@ def _redact_prefect_logs() -> None:
                 handler.addFilter(RedactingFilter())
 
 
+#: Failures a retry cannot mend: a bad config, or a release its gate refused.
+_DETERMINISTIC = (ConfigError, PublishBlockedError)
+
+
+def _retry_unless_deterministic(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
+    """Prefect retry condition: retry transient failures, never a deterministic refusal."""
+    return not isinstance(state.data, _DETERMINISTIC)
+
+
 def stage_task(
-    stage: str, *, retries: int = 0, retry_delay_seconds: float = 10, timeout_seconds: float | None = None
+    stage: str,
+    *,
+    retries: int = 0,
+    retry_delay_seconds: float = 10,
+    timeout_seconds: float | None = None,
+    prepare: Callable[[ReleaseContext], None] | None = None,
 ) -> Task[..., dict[str, Any]]:
     """Build the Prefect task that runs ``stage``.
 

@@ -31,5 +31,6 @@ def _resolve_credentials(ctx: ReleaseContext) -> None:
 
 #: Uploads are idempotent and resumable, so retries only send what is missing; a release
 #: refused by its gate is not retried.
-publish = stage_task("publish", retries=3, retry_delay_seconds=60, timeout_seconds=24 * 3600,
-                     prepare=_resolve_credentials)
+publish = stage_task(
+    "publish", retries=3, retry_delay_seconds=60, timeout_seconds=24 * 3600, prepare=_resolve_credentials
+)
