@@ -23,7 +23,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from flagrelease import constants
 from flagrelease._safetensors import read_header
 from flagrelease.cli import main as cli_main
 from flagrelease.config import ConvertMode, ReleaseConfig
@@ -133,10 +132,6 @@ def _load_dir(folder: Path) -> dict[str, torch.Tensor]:
         read_header(f)  # every output shard is a well-formed safetensors file
         out.update(load_file(f))
     return out
-
-
-def _serve_python() -> Path:
-    return constants.serve_python() or Path("/opt/venv-serve-test/bin/python")
 
 
 @pytest.fixture(scope="module")
@@ -588,7 +583,7 @@ def test_plan_conversion_counts(fp8_src: tuple[Path, dict[str, torch.Tensor]]) -
 # -- compressed-tensors and vLLM (the serving runtime) -------------------------------------------------
 @pytest.mark.vllm
 def test_compressed_tensors_reads_our_checkpoints(
-    fp8_src: tuple[Path, dict[str, torch.Tensor]], tmp_path: Path
+    fp8_src: tuple[Path, dict[str, torch.Tensor]], tmp_path: Path, serve_python: Path
 ) -> None:
     """compressed-tensors' own config model and decompressors agree with our weights."""
     src, _ = fp8_src
@@ -635,7 +630,7 @@ def test_compressed_tensors_reads_our_checkpoints(
         """
     )
     proc = subprocess.run(
-        [str(_serve_python()), "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=300, check=False
+        [str(serve_python), "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=300, check=False
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count(" ok") == 3
@@ -654,11 +649,11 @@ def tiny_quantized(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-def _serve(model: Path, log: Path) -> tuple[subprocess.Popen[bytes], int]:
+def _serve(python: Path, model: Path, log: Path) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
     cmd = [
-        str(_serve_python()),
+        str(python),
         "-m",
         "vllm.entrypoints.openai.api_server",
         "--model",
@@ -703,12 +698,13 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @pytest.fixture
-def vllm_server(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
+def int_server(tmp_path: Path, serve_python: Path) -> Iterator:  # type: ignore[type-arg]
+    """Start plain vLLM (no flagrelease plugin options) on a checkpoint; stopped after the test."""
     started: list[subprocess.Popen[bytes]] = []
 
     def start(model: Path) -> tuple[subprocess.Popen[bytes], int, Path]:
         log = tmp_path / f"vllm-{model.name}.log"
-        proc, port = _serve(model, log)
+        proc, port = _serve(serve_python, model, log)
         started.append(proc)
         return proc, port, log
 
@@ -732,10 +728,10 @@ def _complete(port: int, model: Path) -> dict:  # type: ignore[type-arg]
     ("fmt", "scheme"),
     [("int8-w8a8", "CompressedTensorsW8A8Int8"), ("int4-w4a16", "CPUWNA16LinearKernel for CompressedTensorsWNA16")],
 )
-def test_vllm_serves_int_checkpoint(tiny_quantized: dict[str, Path], vllm_server, fmt: str, scheme: str) -> None:  # type: ignore[no-untyped-def]
+def test_vllm_serves_int_checkpoint(tiny_quantized: dict[str, Path], int_server, fmt: str, scheme: str) -> None:  # type: ignore[no-untyped-def]
     """vLLM (CPU) loads the W8A8 and W4A16 outputs through its compressed-tensors schemes and serves them."""
     model = tiny_quantized[fmt]
-    proc, port, log = vllm_server(model)
+    proc, port, log = int_server(model)
     assert _wait_healthy(proc, port), log.read_text(errors="replace")[-4000:]
     out = _complete(port, model)
     assert out["usage"]["completion_tokens"] == 4 and isinstance(out["choices"][0]["text"], str)
@@ -744,7 +740,7 @@ def test_vllm_serves_int_checkpoint(tiny_quantized: dict[str, Path], vllm_server
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_vllm_cpu_has_no_kernel_for_w8a16(tiny_quantized: dict[str, Path], vllm_server) -> None:  # type: ignore[no-untyped-def]
+def test_vllm_cpu_has_no_kernel_for_w8a16(tiny_quantized: dict[str, Path], int_server) -> None:  # type: ignore[no-untyped-def]
     """INT8 W8A16 is a valid compressed-tensors checkpoint that vLLM's CPU build cannot run.
 
     vLLM 0.32 (CPU) maps pack-quantized 8-bit weight-only layers to CompressedTensorsWNA16,
@@ -756,7 +752,7 @@ def test_vllm_cpu_has_no_kernel_for_w8a16(tiny_quantized: dict[str, Path], vllm_
     this format gets a serving test instead.
     """
     model = tiny_quantized["int8-w8a16"]
-    proc, port, log = vllm_server(model)
+    proc, port, log = int_server(model)
     assert not _wait_healthy(proc, port), "vLLM served W8A16 on CPU: turn this into a serving test"
     text = log.read_text(errors="replace")
     assert "Failed to find a kernel that can implement the WNA16 linear layer" in text
