@@ -73,17 +73,23 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 # -- run / demo / deploy / serve (Prefect) ----------------------------------------------
 def _cmd_run(args: argparse.Namespace) -> int:
     stages = args.stages.split(",") if args.stages else None
+    options = {"role": args.role} if args.role else {}
+    if args.role and stages is None:
+        from flagrelease.config import load_release
+        from flagrelease.reference import reference_stages
+
+        stages = reference_stages(load_release(args.config))
     if args.no_prefect:
         from flagrelease.config import load_release
         from flagrelease.pipeline import ReleaseContext, run_pipeline
 
         cfg = load_release(args.config)
-        ctx = ReleaseContext.create(cfg, config_path=Path(args.config).resolve(), dry_run=args.dry_run)
+        ctx = ReleaseContext.create(cfg, config_path=Path(args.config).resolve(), dry_run=args.dry_run, **options)
         results = run_pipeline(ctx, stages=stages, force=args.force)
     else:
         from flows.release import run_release
 
-        results = run_release(Path(args.config), stages=stages, dry_run=args.dry_run, force=args.force)
+        results = run_release(Path(args.config), stages=stages, dry_run=args.dry_run, force=args.force, options=options)
     for name, res in results.items():
         print(f"{name:8s} {res.status:8s} {res.summary}")
     failed = [r for r in results.values() if r.status == "failed"]
@@ -234,6 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dry-run", action="store_true")
     s.add_argument("--force", action="store_true", help="ignore cached stage results")
     s.add_argument("--no-prefect", action="store_true", help="run the plain-Python pipeline")
+    s.add_argument(
+        "--role",
+        choices=["reference"],
+        help="run the release's reference side (a live reference on another chip) on this machine",
+    )
     s.set_defaults(func=_cmd_run)
 
     s = sub.add_parser("demo", help="the embedded demo release on this CPU; prints the card's path")

@@ -213,6 +213,30 @@ class Node(_Strict):
         return f"{self.host} slots={self.slots} type={self.type}"
 
 
+def _parse_node_lines(value: Any) -> Any:
+    """Hostfile lines (``ip slots=N type=gpu``) as Node mappings; other items pass through."""
+    if not isinstance(value, list):
+        return value
+    out: list[Any] = []
+    for i, item in enumerate(value):
+        if isinstance(item, str):
+            parts = item.split()
+            if not parts:
+                raise ValueError(f"nodes[{i}] is empty")
+            node: dict[str, Any] = {"host": parts[0]}
+            for part in parts[1:]:
+                key, sep, val = part.partition("=")
+                if not sep or key not in ("slots", "type"):
+                    raise ValueError(f"nodes[{i}]: {part!r} is not 'slots=N' or 'type=T'")
+                node[key] = val
+            if "slots" not in node:
+                raise ValueError(f"nodes[{i}]: {item!r} needs 'slots=N'")
+            out.append(node)
+        else:
+            out.append(item)
+    return out
+
+
 class EngineArgs(BaseModel):
     """vLLM engine arguments, in FlagScale's ``engine_args`` form.
 
@@ -314,26 +338,7 @@ class ServeSection(_Strict):
     @field_validator("nodes", mode="before")
     @classmethod
     def _parse_nodes(cls, value: Any) -> Any:
-        if not isinstance(value, list):
-            return value
-        out: list[Any] = []
-        for i, item in enumerate(value):
-            if isinstance(item, str):
-                parts = item.split()
-                if not parts:
-                    raise ValueError(f"nodes[{i}] is empty")
-                node: dict[str, Any] = {"host": parts[0]}
-                for part in parts[1:]:
-                    key, sep, val = part.partition("=")
-                    if not sep or key not in ("slots", "type"):
-                        raise ValueError(f"nodes[{i}]: {part!r} is not 'slots=N' or 'type=T'")
-                    node[key] = val
-                if "slots" not in node:
-                    raise ValueError(f"nodes[{i}]: {item!r} needs 'slots=N'")
-                out.append(node)
-            else:
-                out.append(item)
-        return out
+        return _parse_node_lines(value)
 
     @field_validator("envs", mode="before")
     @classmethod
@@ -408,6 +413,17 @@ class ReferenceSection(_Strict):
     results_dir: Path | None = Field(default=None, description="Stored per-sample logs, for mode: stored.")
     weights: Literal["source", "converted"] = "source"
     flaggems: bool = False
+    nodes: list[Node] = Field(
+        default_factory=list, description="Hostfile lines on the reference chip (live reference on another chip)."
+    )
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict, description="serve.engine_args overrides on the reference chip (TP, PP, ...)."
+    )
+
+    @field_validator("nodes", mode="before")
+    @classmethod
+    def _parse_nodes(cls, value: Any) -> Any:
+        return _parse_node_lines(value)
 
     @model_validator(mode="after")
     def _stored(self) -> ReferenceSection:
@@ -525,9 +541,82 @@ class ReleaseConfig(_Strict):
                 f"serve.engine_args: tensor_parallel_size x pipeline_parallel_size = {world} exceeds the "
                 f"{chip.devices_per_node} devices of one {chip.name} node; list serve.nodes"
             )
-        if self.eval.reference.chip not in list_chips():
-            raise ValueError(f"eval.reference.chip: unknown chip {self.eval.reference.chip!r}")
+        ref = self.eval.reference
+        if ref.chip not in list_chips():
+            raise ValueError(f"eval.reference.chip: unknown chip {ref.chip!r}")
+        if self.remote_reference:
+            if ref.results_dir is None:
+                raise ValueError(
+                    f"eval.reference.results_dir: a live reference on {ref.chip} runs on that chip's work pool "
+                    "and hands its per-sample logs to this release through this folder; set it to storage both "
+                    f"pools reach, or set eval.reference.mode: stored"
+                )
+            try:
+                self.reference_side()
+            except ValidationError as err:
+                first = err.errors()[0]
+                where = ".".join(str(p) for p in first["loc"])
+                raise ValueError(
+                    f"eval.reference: serving the reference on {ref.chip} is invalid ({where}: "
+                    f"{first['msg'].removeprefix('Value error, ')}); set eval.reference.nodes and "
+                    "eval.reference.engine_args for that chip"
+                ) from None
         return self
+
+    @property
+    def remote_reference(self) -> bool:
+        """Whether the reference is served live on another chip, by that chip's work pool.
+
+        A ``cpu`` reference is served live wherever the release runs.
+        """
+        ref = self.eval.reference
+        return ref.mode == "live" and ref.chip not in ("cpu", self.chip)
+
+    def reference_side(self) -> ReleaseConfig:
+        """The release as the reference chip runs it (``role: reference``).
+
+        Same model, revision and eval settings; the reference chip, its nodes and engine
+        args (``eval.reference.nodes`` / ``engine_args`` over ``serve.engine_args``), its
+        own image tag and work folder, FlagGems as ``eval.reference.flaggems`` says, no
+        conversion unless the reference serves the converted weights, nothing published.
+
+        Raises:
+            pydantic.ValidationError: the derived config is invalid (TP x PP too large
+                for the reference chip's nodes, say).
+        """
+        ref = self.eval.reference
+        data = self.model_dump(mode="python")
+        serve = data["serve"]
+        serve.update(
+            nodes=[n.model_dump() for n in ref.nodes],
+            engine_args={**serve["engine_args"], **{str(k).replace("-", "_"): v for k, v in ref.engine_args.items()}},
+            flaggems={**serve["flaggems"], "enabled": ref.flaggems, "excluded_ops": []},
+            runtime=None,
+            container_name=None,
+            model_dir=None,
+            envs={},
+            before_start=[],
+        )
+        if ref.weights == "source":
+            data["convert"] = {"mode": ConvertMode.NONE}
+        data.update(
+            name=f"{self.name}-reference",
+            chip=ref.chip,
+            image={**data["image"], "base": None, "tag": f"{self.image.tag}-reference-{ref.chip}"},
+            gates={**data["gates"], "flaggems_compare": False, "bisect_on_failure": False},
+            publish={},
+            schedule=None,
+            tags=[*self.tags, "role:reference"],
+            work_dir=self.work_dir / "reference" if self.work_dir else None,
+        )
+        data["eval"]["reference"] = {
+            "chip": ref.chip,
+            "mode": "live",
+            "weights": ref.weights,
+            "flaggems": ref.flaggems,
+            "results_dir": ref.results_dir,
+        }
+        return ReleaseConfig.model_validate(data)
 
     @property
     def chip_profile(self) -> ChipProfile:

@@ -52,6 +52,7 @@ from flagrelease._redact import redact
 from flagrelease.config import EvalTask, GenerationSettings
 from flagrelease.errors import ConfigError, EvalError
 from flagrelease.pipeline import ReleaseContext, StageResult
+from flagrelease.reference import REFERENCE_ROLE, publish_reference_run, reference_deployment_name, reference_ready
 
 __all__ = [
     "Endpoint",
@@ -582,20 +583,28 @@ def plan_variants(ctx: ReleaseContext) -> list[VariantPlan]:
     cfg = ctx.config
     ref = cfg.eval.reference
     gems = cfg.serve.flaggems
-    converted = _upstream_dir(ctx, "convert")
+    reference_side = ctx.options.get("role") == REFERENCE_ROLE
+    # The reference side (flagrelease.reference) evaluates the reference alone, and runs
+    # no convert stage unless it serves the converted weights.
+    needs_convert = not reference_side or ref.weights == "converted"
+    converted = _upstream_dir(ctx, "convert") if needs_convert else None
     target = VariantPlan("target", cfg.chip, "converted", gems.enabled, tuple(gems.excluded_ops), converted)
-    plans = [target]
+    plans = [] if reference_side else [target]
     if ref.mode == "stored":
         assert ref.results_dir is not None
         plans.append(VariantPlan("reference", ref.chip, ref.weights, ref.flaggems, (), None, ref.results_dir))
-    elif ref.chip not in ("cpu", cfg.chip):
-        raise EvalError(
-            f"eval.reference: the reference runs on {ref.chip}, but this eval runs on {cfg.chip}; run the reference "
-            f"eval on a {ref.chip} worker (work pool {_pool(ref.chip)}) and set eval.reference.mode: stored with "
-            "results_dir pointing at its lm-eval output, or set eval.reference.chip to the release's chip",
-            model=cfg.name,
-            chip=cfg.chip,
-        )
+    elif cfg.remote_reference:
+        assert ref.results_dir is not None
+        if not ctx.dry_run and not reference_ready(cfg):
+            raise EvalError(
+                f"eval.reference: the live reference on {ref.chip} has no current run in {ref.results_dir}; "
+                f"run it on a {ref.chip} worker first: `prefect deployment run "
+                f"flagrelease/{reference_deployment_name(cfg)}` (work pool {_pool(ref.chip)}; the flagrelease flow "
+                f"starts it before eval), or `flagrelease run CONFIG --role reference` on a {ref.chip} machine",
+                model=cfg.name,
+                chip=cfg.chip,
+            )
+        plans.append(VariantPlan("reference", ref.chip, ref.weights, ref.flaggems, (), None, ref.results_dir))
     else:
         weights_dir = _upstream_dir(ctx, "fetch") if ref.weights == "source" else converted
         plans.append(
@@ -608,7 +617,7 @@ def plan_variants(ctx: ReleaseContext) -> list[VariantPlan]:
                 weights_dir,
             )
         )
-    if cfg.gates.flaggems_compare and gems.enabled:
+    if cfg.gates.flaggems_compare and gems.enabled and not reference_side:
         plans.append(VariantPlan("target_gems_off", cfg.chip, "converted", False, (), converted))
     # Variants that would serve exactly the same thing are evaluated once.
     seen: dict[tuple[Any, ...], str] = {}
@@ -852,6 +861,9 @@ def run_stage(ctx: ReleaseContext) -> StageResult:
         variants[plan.name] = _variant_output(plan, run)
     ctx.progress("eval", 1.0, "done")
     failed = sorted(n for n, v in variants.items() if v.get("error"))
+    if ctx.options.get("role") == REFERENCE_ROLE and "reference" in runs:
+        handed = publish_reference_run(cfg, runs["reference"].dir)
+        variants["reference"]["handed_over_to"] = str(handed)
     rows = []
     for name, v in variants.items():
         for task in cfg.eval.tasks:

@@ -143,7 +143,14 @@ class ReleaseContext:
         progress: ProgressFn | None = None,
         **options: Any,
     ) -> ReleaseContext:
-        """A context for ``cfg`` with its default layout."""
+        """A context for ``cfg`` with its default layout.
+
+        An ``options["role"]`` of ``reference`` makes it the context of the release's
+        reference side (:func:`flagrelease.reference.release_for_role`).
+        """
+        from flagrelease.reference import release_for_role
+
+        cfg = release_for_role(cfg, options.get("role"))
         return cls(
             config=cfg,
             layout=BundleLayout.for_release(cfg).ensure(),

@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flagrelease.chips import load_chip
 from flagrelease.config import ConvertMode, ReleaseConfig, load_release
 from flagrelease.layout import BundleLayout
+from flagrelease.reference import reference_deployment_name
 
 __all__ = ["ReleasePlan", "plan_release"]
 
@@ -53,7 +55,14 @@ def _plan(cfg: ReleaseConfig) -> ReleasePlan:
         (
             "eval",
             f"{', '.join(t.name for t in cfg.eval.tasks) or 'no tasks'}; k={cfg.eval.samples_per_item}; "
-            f"reference {ref.chip} ({ref.mode}, {ref.weights} weights)",
+            f"reference {ref.chip} ({ref.mode}, {ref.weights} weights"
+            + (
+                f"; served on the {load_chip(ref.chip).work_pool} pool by deployment "
+                f"flagrelease/{reference_deployment_name(cfg)}, handed over in {ref.results_dir}"
+                if cfg.remote_reference
+                else ""
+            )
+            + ")",
         ),
         (
             "gate",

