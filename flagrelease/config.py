@@ -567,10 +567,11 @@ class ReleaseConfig(_Strict):
     def remote_reference(self) -> bool:
         """Whether the reference is served live on another chip, by that chip's work pool.
 
-        A ``cpu`` reference is served live wherever the release runs.
+        A ``cpu`` reference is served live wherever the release runs; a release with no
+        eval tasks needs no reference at all.
         """
         ref = self.eval.reference
-        return ref.mode == "live" and ref.chip not in ("cpu", self.chip)
+        return bool(self.eval.tasks) and ref.mode == "live" and ref.chip not in ("cpu", self.chip)
 
     def reference_side(self) -> ReleaseConfig:
         """The release as the reference chip runs it (``role: reference``).

@@ -10,8 +10,8 @@ bit, in one pass over memory (the torch versions make many passes, see
   rounded once to the scale dtype), ``q = clamp(rint(w / scale), -128, 127)`` with IEEE
   division and round-half-to-even, as the CPU path does. (torch on CUDA turns a division
   by a Python number into a multiply by its reciprocal, which is why the torch version of
-  this function is not bit-identical on CUDA with float32 scales.) One difference: an
-  all-zero row gets the scale +0.0 here and -0.0 from the CPU path.
+  this function is not bit-identical on CUDA with float32 scales.) An all-zero row gets
+  the scale +0.0 on both paths.
 
 Triton is imported only when a kernel is first used, so this module imports anywhere.
 """

@@ -356,7 +356,8 @@ def quantize_int(
     wf[:, :cols].copy_(w)
     grouped = wf.view(rows, ngroups, g)
     # amax and amin separately: aminmax along a dim is an order of magnitude slower on CPU
-    absmax = torch.maximum(torch.amax(grouped, dim=2), torch.amin(grouped, dim=2).neg_())
+    # abs_: an all-zero group gives max(+0.0, -0.0), whose sign differs between CPU and CUDA.
+    absmax = torch.maximum(torch.amax(grouped, dim=2), torch.amin(grouped, dim=2).neg_()).abs_()
     # Divide by a tensor, not a Python number: CUDA turns division by a scalar into a
     # multiplication by its reciprocal, which rounds differently from CPU's true division.
     half_range = torch.full_like(absmax, (qmax - qmin) / 2.0)
