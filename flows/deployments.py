@@ -150,12 +150,39 @@ def register_deployments(*, config_dir: Path | None = None) -> list[str]:
     return [s.name for s in specs]
 
 
+async def _take_over(names: list[str]) -> None:
+    """Delete worker deployments (``flagrelease deploy``) of these names, so serving recreates them.
+
+    A served deployment that updates a worker one keeps the worker's work pool, and
+    Prefect's runner then loads the flow from storage the deployment no longer has: the
+    run crashes at start.  ``flagrelease deploy`` registers them for workers again.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    async with get_client() as client:
+        for name in names:
+            try:
+                existing = await client.read_deployment_by_name(f"flagrelease/{name}")
+            except ObjectNotFound:
+                continue
+            if existing.work_pool_name or existing.pull_steps:
+                log.warning(
+                    "serving flagrelease/%s from this process in place of its %s work-pool deployment",
+                    name,
+                    existing.work_pool_name,
+                )
+                await client.delete_deployment(existing.id)
+
+
 def serve_deployments(*, config_dir: Path | None = None, limit: int | None = None) -> None:
     """Serve every release config's deployment from this process until interrupted."""
     from prefect import serve
 
     from flows.release import flagrelease
 
+    specs = deployment_specs(config_dir, absolute=True)
+    asyncio.run(_take_over([s.name for s in specs]))
     deployments = [
         flagrelease.to_deployment(
             name=spec.name,
@@ -164,6 +191,6 @@ def serve_deployments(*, config_dir: Path | None = None, limit: int | None = Non
             cron=spec.cron,
             description=spec.description,
         )
-        for spec in deployment_specs(config_dir, absolute=True)
+        for spec in specs
     ]
     serve(*deployments, limit=limit)

@@ -97,7 +97,15 @@ def _wait_for_run(server: PrefectServer, run_id: str, timeout: float) -> dict:
 
 
 def test_served_deployment_run_reaches_completed(demo_run: DemoRun, prefect_server: PrefectServer) -> None:
-    """`flagrelease serve` + `prefect deployment run flagrelease/demo-tiny-cpu`, reusing the demo's work."""
+    """`flagrelease serve` + `prefect deployment run flagrelease/demo-tiny-cpu`, reusing the demo's work.
+
+    The worker deployments are registered first (`flagrelease deploy`): serving takes
+    them over (a served update of a worker deployment would crash at start in Prefect).
+    """
+    subprocess.run(
+        [str(BIN / "flagrelease"), "deploy"], env=prefect_server.env(), check=True, capture_output=True, timeout=300
+    )
+    assert _deployments(prefect_server)["demo-tiny-cpu"]["work_pool_name"] == "cpu"
     serve = subprocess.Popen(
         [str(BIN / "flagrelease"), "serve", "--config-dir", str(demo_run.config.parent)],
         env=prefect_server.env(),
