@@ -580,7 +580,6 @@ def test_plan_conversion_counts(fp8_src: tuple[Path, dict[str, torch.Tensor]]) -
     assert plan.total_size < plan.src_bytes * 1.2
 
 
-
 def test_an_all_zero_row_gets_a_positive_zero_scale() -> None:
     """+0.0, not the -0.0 of max(+0.0, -0.0): the sign would differ between CPU and CUDA."""
     w = (torch.randn(4, 256) * 0.02).to(torch.bfloat16)
@@ -589,6 +588,7 @@ def test_an_all_zero_row_gets_a_positive_zero_scale() -> None:
         q, scale, _ = quantize_int(w, num_bits=8 if group is None else 4, group_size=group)
         assert torch.equal(q[1], torch.zeros_like(q[1]))
         assert not torch.signbit(scale[1]).any() and (scale[1] == 0).all()
+
 
 # -- compressed-tensors and vLLM (the serving runtime) -------------------------------------------------
 @pytest.mark.vllm

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -96,6 +97,45 @@ def _wait_for_run(server: PrefectServer, run_id: str, timeout: float) -> dict:
     raise AssertionError(f"flow run {run_id} did not finish in {timeout} s")
 
 
+def _served_run(
+    server: PrefectServer, config_dir: Path, deployment: str, *, ready: Callable[[dict[str, dict]], bool], env: dict
+) -> dict:
+    """Serve ``config_dir`` (``flagrelease serve``), run ``flagrelease/<deployment>``, return the finished run.
+
+    ``ready`` says when the served deployments are registered; the serving process is
+    stopped (its whole process group) whatever happens.
+    """
+    serve = subprocess.Popen(
+        [str(BIN / "flagrelease"), "serve", "--config-dir", str(config_dir)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not ready(_deployments(server)):
+            assert serve.poll() is None, serve.stdout.read().decode() if serve.stdout else ""
+            assert time.monotonic() < deadline, "served deployments never registered"
+            time.sleep(1)
+        proc = subprocess.run(
+            [str(BIN / "prefect"), "deployment", "run", f"flagrelease/{deployment}"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        run_id = next(line.split("UUID:")[1].strip() for line in proc.stdout.splitlines() if "UUID:" in line)
+        return _wait_for_run(server, run_id, timeout=1200)
+    finally:
+        os.killpg(serve.pid, signal.SIGINT)
+        try:
+            serve.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(serve.pid, signal.SIGKILL)
+
+
 def test_served_deployment_run_reaches_completed(demo_run: DemoRun, prefect_server: PrefectServer) -> None:
     """`flagrelease serve` + `prefect deployment run flagrelease/demo-tiny-cpu`, reusing the demo's work.
 
@@ -106,38 +146,14 @@ def test_served_deployment_run_reaches_completed(demo_run: DemoRun, prefect_serv
         [str(BIN / "flagrelease"), "deploy"], env=prefect_server.env(), check=True, capture_output=True, timeout=300
     )
     assert _deployments(prefect_server)["demo-tiny-cpu"]["work_pool_name"] == "cpu"
-    serve = subprocess.Popen(
-        [str(BIN / "flagrelease"), "serve", "--config-dir", str(demo_run.config.parent)],
+    run = _served_run(
+        prefect_server,
+        demo_run.config.parent,
+        "demo-tiny-cpu",
+        ready=lambda d: "demo-tiny-cpu" in d and d["demo-tiny-cpu"]["parameters"]["config"] == str(demo_run.config),
         env=prefect_server.env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
     )
-    try:
-        deadline = time.monotonic() + 120
-        while "demo-tiny-cpu" not in _deployments(prefect_server) or _deployments(prefect_server)["demo-tiny-cpu"][
-            "parameters"
-        ]["config"] != str(demo_run.config):
-            assert serve.poll() is None, serve.stdout.read().decode() if serve.stdout else ""
-            assert time.monotonic() < deadline, "served deployment never registered"
-            time.sleep(1)
-        proc = subprocess.run(
-            [str(BIN / "prefect"), "deployment", "run", "flagrelease/demo-tiny-cpu"],
-            env=prefect_server.env(),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        run_id = next(line.split("UUID:")[1].strip() for line in proc.stdout.splitlines() if "UUID:" in line)
-        run = _wait_for_run(prefect_server, run_id, timeout=900)
-        assert run["state"]["type"] == "COMPLETED", run["state"]
-    finally:
-        os.killpg(serve.pid, signal.SIGINT)
-        try:
-            serve.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(serve.pid, signal.SIGKILL)
+    assert run["state"]["type"] == "COMPLETED", run["state"]
     # Nothing changed since the demo, so no stage did any work: every result is the demo's.
     for stage in ("fetch", "convert", "deploy", "eval"):
         assert (
@@ -240,39 +256,17 @@ def test_live_reference_on_another_chip_runs_on_its_pool(
         [str(BIN / "flagrelease"), "plan", str(config)], env=env, capture_output=True, text=True, timeout=120
     )
     assert "flagrelease/demo-xref-reference" in specs.stdout, specs.stdout + specs.stderr
-    serve = subprocess.Popen(
-        [str(BIN / "flagrelease"), "serve", "--config-dir", str(config.parent)],
+    run = _served_run(
+        prefect_server,
+        config.parent,
+        "demo-xref",
+        ready=lambda d: {"demo-xref", "demo-xref-reference"} <= set(d),
         env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
     )
-    try:
-        deadline = time.monotonic() + 120
-        while not {"demo-xref", "demo-xref-reference"} <= set(_deployments(prefect_server)):
-            assert serve.poll() is None, serve.stdout.read().decode() if serve.stdout else ""
-            assert time.monotonic() < deadline, "served deployments never registered"
-            time.sleep(1)
-        reference = _deployments(prefect_server)["demo-xref-reference"]
-        assert reference["parameters"]["options"] == {"role": "reference"}
-        assert "role:reference" in reference["tags"] and "pool:cpu-ref" in reference["tags"]
-        proc = subprocess.run(
-            [str(BIN / "prefect"), "deployment", "run", "flagrelease/demo-xref"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        run_id = next(line.split("UUID:")[1].strip() for line in proc.stdout.splitlines() if "UUID:" in line)
-        run = _wait_for_run(prefect_server, run_id, timeout=1200)
-        assert run["state"]["type"] == "COMPLETED", run["state"]
-    finally:
-        os.killpg(serve.pid, signal.SIGINT)
-        try:
-            serve.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(serve.pid, signal.SIGKILL)
+    assert run["state"]["type"] == "COMPLETED", run["state"]
+    reference = _deployments(prefect_server)["demo-xref-reference"]
+    assert reference["parameters"]["options"] == {"role": "reference"}
+    assert "role:reference" in reference["tags"] and "pool:cpu-ref" in reference["tags"]
 
     runs = httpx.post(
         f"{prefect_server.api_url}/flow_runs/filter",
