@@ -30,6 +30,10 @@ __all__ = ["reference"]
 def reference(config: str, force: bool = False) -> dict[str, Any]:
     """Make sure ``eval.reference.results_dir`` holds a current reference run of ``config``.
 
+    Args:
+        config: the release config file.
+        force: run the reference again even if a current run is there.
+
     Raises:
         EvalError: the reference deployment is missing, its run did not complete, or it
             completed without handing a current run over.
@@ -45,7 +49,11 @@ def reference(config: str, force: bool = False) -> dict[str, Any]:
     else:
         logger.info("starting %s on the %s work pool; waiting for it", name, ref.chip)
         try:
-            run = run_deployment(name, timeout=None, poll_interval=5, tags=[f"reference-of:{cfg.name}"])
+            # Forced: it only runs when no current hand-over exists, and a cached eval
+            # on the reference side would not hand over again (the folder was lost, say).
+            run = run_deployment(
+                name, parameters={"force": True}, timeout=None, poll_interval=5, tags=[f"reference-of:{cfg.name}"]
+            )
         except ObjectNotFound as err:
             raise EvalError(
                 f"no deployment {name}: register it with `flagrelease deploy` (it goes to the {ref.chip} work pool)",
