@@ -19,7 +19,6 @@ import hashlib
 import io
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -33,6 +32,8 @@ import docker
 import httpx
 import pytest
 from docker.errors import DockerException, ImageNotFound
+
+from tests.fixtures_prefect import free_port
 
 __all__ = [
     "DockerEngine",
@@ -52,13 +53,6 @@ MANIFEST_TYPES = ", ".join(
         "application/vnd.oci.image.index.v1+json",
     )
 )
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _ping(base_url: str) -> bool:

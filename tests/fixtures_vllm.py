@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import psutil
 import pytest
 
 from flagrelease.config import ReleaseConfig
+from tests.fixtures_prefect import free_port
 
 __all__ = [
     "free_port",
@@ -35,13 +35,6 @@ __all__ = [
     "vllm_server",
     "with_serve_python",
 ]
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def server_processes(*markers: str) -> list[psutil.Process]:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from flagrelease import __version__
-from flagrelease._atomic import atomic_write_json
+from flagrelease._atomic import atomic_write_json, replace_dir
 from flagrelease.config import ConvertMode
 from flagrelease.convert._plan import DEFAULT_IGNORE, INDEX_NAME, CheckpointPlan, build_plan
 from flagrelease.convert._stream import ProgressCallback, run_plan
@@ -170,7 +170,7 @@ def convert_checkpoint(
     _write_index(plan, out_dir)
     _write_config(plan, out_dir)
     _copy_other_files(src, out_dir, plan)
-    _swap_in(out_dir, dst)
+    replace_dir(out_dir, dst)
     shutil.rmtree(work, ignore_errors=True)
 
     rows: list[TensorReport] = []
@@ -272,21 +272,3 @@ def _copy_other_files(src: Path, out_dir: Path, plan: CheckpointPlan) -> None:
         target = out_dir / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path.resolve(), target)
-
-
-def _swap_in(out_dir: Path, dst: Path) -> None:
-    """Put the finished ``out_dir`` at ``dst``, replacing an old one only after it is complete."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst, old)
-        os.replace(out_dir, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(out_dir, dst)
-    fd = os.open(dst.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
