@@ -5,7 +5,7 @@ Run on a CUDA machine::
     python benchmarks/bench_gpu_convert.py --out benchmarks/results --e2e-gb 6
 
 1. Bit identity: :mod:`flagrelease.convert.ops` on ``cuda`` and the Triton kernels of
-   :mod:`flagrelease.gpu_kernels` against the same functions on the CPU, on fresh random
+   :mod:`flagrelease.gems.gpu_kernels` against the same functions on the CPU, on fresh random
    inputs (every FP8 bit pattern, edge blocks, zero rows, exact ties, outliers).
 2. Kernel throughput: bytes each conversion must move (input read once, output written
    once) per second, against a device-to-device copy of the same number of bytes.
@@ -34,9 +34,9 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from flagrelease import gpu_kernels as gk
 from flagrelease._safetensors import read_header
 from flagrelease.convert import ops
+from flagrelease.gems import gpu_kernels as gk
 
 DEV = "cuda"
 

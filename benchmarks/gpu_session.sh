@@ -21,7 +21,7 @@ except Exception as err:  # noqa: BLE001 - report what is there
 PY
 for step in $steps; do
   case $step in
-    tests) $py -m pytest --noconftest -q -m gpu -p no:cacheprovider tests/test_gpu_kernels.py tests/test_convert.py 2>&1 | tee "$out/gpu_tests.txt" ;;
+    tests) $py -m pytest --noconftest -q -m gpu -p no:cacheprovider tests/gems/test_gpu_kernels.py tests/convert/test_convert.py 2>&1 | tee "$out/gpu_tests.txt" ;;
     convert) $py benchmarks/bench_gpu_convert.py --out "$out" --e2e-gb "${E2E_GB:-6}" 2>&1 | tail -40 ;;
     probe) $py -m flagrelease.cli probe-gems release_configs/deepseek-r1-distill-qwen-32b-nvidia.yaml \
              --model-config benchmarks/configs/deepseek-r1-distill-qwen-32b.config.json \

@@ -76,7 +76,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     options = {"role": args.role} if args.role else {}
     if args.role and stages is None:
         from flagrelease.config import load_release
-        from flagrelease.reference import reference_stages
+        from flagrelease.roles import reference_stages
 
         stages = reference_stages(load_release(args.config))
     if args.no_prefect:
@@ -142,7 +142,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 def _cmd_render(args: argparse.Namespace) -> int:
     from flagrelease.config import load_release
-    from flagrelease.render import render_release
+    from flagrelease.image import render_release
 
     cfg = load_release(args.config)
     files = render_release(cfg, out_dir=Path(args.outdir))
@@ -185,7 +185,7 @@ def _cmd_publish(args: argparse.Namespace) -> int:
 
 def _cmd_probe(args: argparse.Namespace) -> int:
     from flagrelease.config import load_release
-    from flagrelease.probe import probe_gems
+    from flagrelease.gems.probe import probe_gems
 
     cfg = load_release(args.config)
     report = probe_gems(

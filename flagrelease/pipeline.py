@@ -16,7 +16,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar, overload
+
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from flagrelease import __version__
 from flagrelease._atomic import atomic_write_json
@@ -30,6 +32,7 @@ __all__ = [
     "STAGES",
     "ProgressFn",
     "ReleaseContext",
+    "StageOutputs",
     "StageResult",
     "load_stage_result",
     "run_pipeline",
@@ -41,7 +44,7 @@ log = logging.getLogger("flagrelease.pipeline")
 
 #: The stages, in order, and the module that owns each.
 STAGES: tuple[str, ...] = ("fetch", "convert", "image", "deploy", "eval", "gate", "card", "publish")
-_MODULES = {s: f"flagrelease.{s}" for s in STAGES}
+_MODULES = {s: f"flagrelease.{s}" for s in STAGES} | {"eval": "flagrelease.evaluate"}
 
 #: Which parts of the config each stage's output depends on (besides upstream results).
 _STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
@@ -66,6 +69,20 @@ def _no_progress(stage: str, fraction: float, message: str = "") -> None:
     return None
 
 
+class StageOutputs(BaseModel):
+    """Base of each stage's typed outputs (``FetchOutputs``, ``ConvertOutputs``, ...).
+
+    A stage declares its outputs as a subclass in its package's ``outputs.py``; a
+    downstream stage reads them with ``ctx.result("convert", ConvertOutputs)`` and never
+    imports the upstream stage's modules.  Stored in ``state/<stage>.json`` as JSON.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+_O = TypeVar("_O", bound=StageOutputs)
+
+
 @dataclass
 class StageResult:
     """What a stage did, in JSON-able form.
@@ -81,12 +98,33 @@ class StageResult:
 
     stage: str
     summary: str
-    outputs: dict[str, Any] = field(default_factory=dict)
+    outputs: dict[str, Any] | StageOutputs = field(default_factory=dict)
     tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     status: str = "ok"
     fingerprint: str = ""
     started_at: float = 0.0
     finished_at: float = 0.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.outputs, StageOutputs):
+            self.outputs = self.outputs.model_dump(mode="json")
+
+    def typed(self, kind: type[_O]) -> _O:
+        """The outputs as ``kind`` (the stage's ``outputs.py`` model).
+
+        Raises:
+            ConfigError: the saved outputs do not fit ``kind`` (a result saved by another
+                flagrelease version); the message says how to redo the stage.
+        """
+        try:
+            return kind.model_validate(self.outputs)
+        except ValidationError as err:
+            raise ConfigError(
+                f"the saved result of stage {self.stage!r} does not fit {kind.__name__} ({err.error_count()} "
+                f"error(s), first: {err.errors()[0]['loc']}: {err.errors()[0]['msg']}); it was written by another "
+                f"flagrelease version: re-run it (flagrelease run CONFIG --stages {self.stage} --force)",
+                stage=self.stage,
+            ) from err
 
     def to_json(self) -> dict[str, Any]:
         """The result as a JSON-able dict, secrets redacted."""
@@ -115,11 +153,23 @@ class ReleaseContext:
         """The release's chip profile."""
         return self.config.chip_profile
 
-    def result(self, stage: str) -> StageResult:
+    @overload
+    def result(self, stage: str) -> StageResult: ...
+
+    @overload
+    def result(self, stage: str, kind: type[_O]) -> _O: ...
+
+    def result(self, stage: str, kind: type[_O] | None = None) -> StageResult | _O:
         """The result of an upstream stage, from memory or from ``state/``.
 
+        Args:
+            stage: the upstream stage's name.
+            kind: its outputs model (``ConvertOutputs``, ...): return the typed outputs
+                instead of the whole :class:`StageResult`.
+
         Raises:
-            ConfigError: the stage has not run yet for this release.
+            ConfigError: the stage has not run yet for this release, or its saved
+                outputs do not fit ``kind``.
         """
         if stage not in self.results:
             loaded = load_stage_result(self.layout, stage)
@@ -131,7 +181,8 @@ class ReleaseContext:
                     stage=stage,
                 )
             self.results[stage] = loaded
-        return self.results[stage]
+        found = self.results[stage]
+        return found if kind is None else found.typed(kind)
 
     @classmethod
     def create(
@@ -146,9 +197,9 @@ class ReleaseContext:
         """A context for ``cfg`` with its default layout.
 
         An ``options["role"]`` of ``reference`` makes it the context of the release's
-        reference side (:func:`flagrelease.reference.release_for_role`).
+        reference side (:func:`flagrelease.evaluate.reference.release_for_role`).
         """
-        from flagrelease.reference import release_for_role
+        from flagrelease.roles import release_for_role
 
         cfg = release_for_role(cfg, options.get("role"))
         return cls(
@@ -174,42 +225,29 @@ def stage_function(stage: str) -> Callable[[ReleaseContext], StageResult]:
     return fn
 
 
-#: Code and templates (beyond the stage module and its ``_<stage>*.py`` helpers) whose
-#: changes must invalidate a stage's cached result. Paths are relative to the repo root.
+#: Shared code and templates (beyond the stage's own package) whose changes must
+#: invalidate a stage's cached result. Paths are relative to the repo root.
 _STAGE_CODE: dict[str, tuple[str, ...]] = {
     "fetch": ("flagrelease/tinymodel.py", "flagrelease/_filehash.py", "flagrelease/_safetensors.py"),
     "convert": ("flagrelease/_safetensors.py",),
-    "image": (
-        "flagrelease/render.py",
-        "flagrelease/_oci.py",
-        "flagrelease/_wheel.py",
-        "flagrelease/_image_install.py",
-        "templates/docker",
-        "templates/flagscale",
-    ),
+    "image": ("flagrelease/render.py", "flagrelease/_oci.py", "templates/docker", "templates/flagscale"),
     "deploy": (
         "flagrelease/render.py",
         "flagrelease/runtime.py",
-        "flagrelease/vllm_plugin.py",
-        "flagrelease/oplib",
+        "flagrelease/gems/vllm_plugin.py",
+        "flagrelease/gems/oplib",
         "templates/flagscale",
     ),
     "eval": (
-        "flagrelease/_lmeval.py",
+        "flagrelease/samples.py",
         "flagrelease/deploy",
         "flagrelease/data/lm_eval_tasks",
-        "flagrelease/vllm_plugin.py",
-        "flagrelease/oplib",
+        "flagrelease/gems/vllm_plugin.py",
+        "flagrelease/gems/oplib",
     ),
-    "gate": ("flagrelease/stats.py", "flagrelease/bisect.py"),
-    "card": (
-        "flagrelease/manifest.py",
-        "flagrelease/render.py",
-        "flagrelease/schema",
-        "templates/card",
-        "templates/flagscale",
-    ),
-    "publish": ("flagrelease/manifest.py", "flagrelease/_filehash.py"),
+    "gate": ("flagrelease/samples.py",),
+    "card": ("flagrelease/bundle.py", "flagrelease/render.py", "templates/card", "templates/flagscale"),
+    "publish": ("flagrelease/bundle.py", "flagrelease/_filehash.py"),
 }
 
 
@@ -217,17 +255,16 @@ def _code_digest(stage: str) -> str:
     from flagrelease.constants import REPO_ROOT
 
     module = importlib.import_module(_MODULES[stage])
-    path = Path(module.__file__ or "")
-    if path.name == "__init__.py":
-        files = sorted(path.parent.rglob("*.py"))
-    else:  # the stage module and its private helpers (_fetch_*.py, ...)
-        files = [path, *sorted(path.parent.glob(f"_{stage}*.py"))]
+    package = Path(module.__file__ or "").parent
+    files = sorted(f for f in package.rglob("*") if f.is_file() and "__pycache__" not in f.parts)
     for extra in _STAGE_CODE.get(stage, ()):
         target = REPO_ROOT / extra
         if target.is_dir():
             files += sorted(f for f in target.rglob("*") if f.is_file() and "__pycache__" not in f.parts)
         elif target.is_file():
             files.append(target)
+        else:  # a stale entry would silently stop invalidating the cache
+            raise FileNotFoundError(f"_STAGE_CODE[{stage!r}] names {extra}, which does not exist")
     h = hashlib.sha256(__version__.encode())
     for f in files:
         h.update(f.name.encode())

@@ -8,7 +8,7 @@ from pathlib import Path
 from flagrelease.chips import load_chip
 from flagrelease.config import ConvertMode, ReleaseConfig, load_release
 from flagrelease.layout import BundleLayout
-from flagrelease.reference import reference_deployment_name
+from flagrelease.roles import reference_deployment_name
 
 __all__ = ["ReleasePlan", "plan_release"]
 

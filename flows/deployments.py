@@ -2,7 +2,7 @@
 
 A release whose reference runs live on another chip also gets ``<name>-reference`` in
 that chip's pool: the same flow with the ``reference`` role, which the release's run
-starts before its eval (:mod:`flagrelease.reference`).
+starts before its eval (:mod:`flagrelease.evaluate.reference`).
 
 ``flagrelease deploy`` registers them with the Prefect API (each in its chip's work
 pool, so a worker on that chip picks it up); ``flagrelease serve`` serves them all from
@@ -22,7 +22,7 @@ from flagrelease.chips import load_chip
 from flagrelease.config import load_release
 from flagrelease.constants import REPO_ROOT, release_configs_dir
 from flagrelease.errors import ConfigError
-from flagrelease.reference import REFERENCE_ROLE, reference_deployment_name, reference_stages
+from flagrelease.roles import REFERENCE_ROLE, reference_deployment_name, reference_stages
 
 __all__ = ["DeploymentSpec", "deployment_specs", "register_deployments", "serve_deployments"]
 

@@ -17,7 +17,7 @@ from flagrelease.config import load_release
 from flagrelease.constants import REPO_ROOT, release_configs_dir
 from flagrelease.errors import ConfigError
 from flagrelease.pipeline import STAGES, StageResult
-from flagrelease.reference import release_for_role
+from flagrelease.roles import release_for_role
 from tasks import STAGE_TASKS
 from tasks.reference import reference
 

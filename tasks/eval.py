@@ -1,4 +1,4 @@
-"""Prefect task: lm-eval on the target and the reference (flagrelease.eval)."""
+"""Prefect task: lm-eval on the target and the reference (flagrelease.evaluate)."""
 
 from tasks._common import stage_task
 

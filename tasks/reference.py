@@ -1,4 +1,4 @@
-"""Prefect task: run a release's live reference on the reference chip's work pool (flagrelease.reference).
+"""Prefect task: run a release's live reference on the reference chip's work pool (flagrelease.evaluate.reference).
 
 The reference side is the same ``flagrelease`` flow, deployed as ``<release>-reference``
 in the reference chip's pool by ``flagrelease deploy``; this task starts it, waits for
@@ -19,8 +19,9 @@ from prefect.exceptions import ObjectNotFound
 
 from flagrelease.config import load_release
 from flagrelease.errors import EvalError
+from flagrelease.evaluate.reference import reference_ready
 from flagrelease.pipeline import StageResult
-from flagrelease.reference import reference_deployment_name, reference_ready
+from flagrelease.roles import reference_deployment_name
 from tasks._common import _artifact_key
 
 __all__ = ["reference"]

@@ -26,13 +26,12 @@ from flagrelease.chips import list_chips, load_chip
 from flagrelease.config import ReleaseConfig, load_release, parse_release
 from flagrelease.constants import REPO_ROOT
 from flagrelease.errors import ConfigError
+from flagrelease.image import render_dockerfile, render_release
 from flagrelease.render import (
     GEMS_EXCLUDE_ENV,
     before_start,
     engine_args,
     model_slug,
-    render_dockerfile,
-    render_release,
     render_serve_configs,
     serve_command,
     serve_env,
@@ -402,7 +401,7 @@ def test_context_wheel_declares_the_plugin(iluvatar: tuple[ReleaseConfig, Path])
         entry_points = zf.read("flagrelease-0.1.0.dist-info/entry_points.txt").decode()
         record = zf.read("flagrelease-0.1.0.dist-info/RECORD").decode()
     assert "flagrelease/render.py" in names and "flagrelease/__init__.py" in names
-    assert "flagrelease_gems = flagrelease.vllm_plugin:register" in entry_points
+    assert "flagrelease_gems = flagrelease.gems.vllm_plugin:register" in entry_points
     assert all(n in record for n in names)
     # Same sources, same bytes: Docker's layer cache holds across renders.
     again = iluvatar[1] / "again"

@@ -125,5 +125,5 @@ def test_plugin_pythonpath_adds_the_entry_point_to_a_foreign_python(
     out = subprocess.run(
         [str(python), "-c", code], env={"PYTHONPATH": extra[0]}, capture_output=True, text=True, timeout=60, check=True
     )
-    assert out.stdout.strip() == "flagrelease.vllm_plugin"
+    assert out.stdout.strip() == "flagrelease.gems.vllm_plugin"
     assert runtime.plugin_pythonpath(python) == extra  # idempotent

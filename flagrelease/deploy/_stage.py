@@ -23,7 +23,7 @@ _RECORD_SETTLE_S = 1.5
 
 def _serve_files(ctx: ReleaseContext) -> list[Path]:
     # The FlagScale configs and the direct vLLM command; the Docker build context is the
-    # image stage's (render.render_release also writes it, with wheels, into the bundle).
+    # image stage's (image.render_release also writes it, with wheels, into the bundle).
     return render.render_serve_configs(ctx.config, out_dir=ctx.layout.serve_dir)
 
 
