@@ -1,0 +1,43 @@
+"""Release configs: one YAML file per model x chip release, validated by typed models.
+
+Defaults live here and nowhere else.  :func:`load_release` reads a file and raises a
+:class:`~flagrelease.errors.ConfigError` that names the file, each bad field, the bad
+value and the valid choices.  One module per part: ``_model`` (model, convert, image),
+``_serve``, ``_eval`` (eval, gates), ``_publish``, ``_release`` (the whole config and its
+cross-section rules) and ``_load`` (files).
+"""
+
+from __future__ import annotations
+
+from flagrelease.config._base import ConvertMode, ModelSource, RuntimeKind
+from flagrelease.config._eval import EvalSection, EvalTask, GatesSection, GenerationSettings, ReferenceSection
+from flagrelease.config._load import load_release, parse_release, validate_files
+from flagrelease.config._model import ConvertSection, ImageSection, ModelSection
+from flagrelease.config._publish import PublishSection, S3Target
+from flagrelease.config._release import ReleaseConfig
+from flagrelease.config._serve import EngineArgs, FlagGemsSection, LoadTestSettings, Node, ServeSection
+
+__all__ = [
+    "ConvertMode",
+    "ConvertSection",
+    "EngineArgs",
+    "EvalSection",
+    "EvalTask",
+    "FlagGemsSection",
+    "GatesSection",
+    "GenerationSettings",
+    "ImageSection",
+    "LoadTestSettings",
+    "ModelSection",
+    "ModelSource",
+    "Node",
+    "PublishSection",
+    "ReferenceSection",
+    "ReleaseConfig",
+    "RuntimeKind",
+    "S3Target",
+    "ServeSection",
+    "load_release",
+    "parse_release",
+    "validate_files",
+]
