@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 
 from flagrelease.errors import ConfigError
 
-__all__ = ["ImageReference", "parse_reference", "parse_registry"]
+__all__ = ["ImageReference", "check_repository", "check_tag", "parse_reference", "parse_registry"]
 
 _DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
 _DOMAIN_NAME = rf"{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*"
@@ -33,7 +33,7 @@ _IPV6 = r"\[[a-fA-F0-9:]+\]"
 _HOST = rf"(?:{_DOMAIN_NAME}|{_IPV6})"
 _DOMAIN = re.compile(rf"^{_HOST}(?::[0-9]+)?$")
 _PATH_COMPONENT = re.compile(r"^[a-z0-9]+(?:(?:[_.]|__|-+)[a-z0-9]+)*$")
-_TAG = re.compile(r"^[\w][\w.-]{0,127}$")
+_TAG = re.compile(r"^[\w][\w.-]{0,127}$", re.ASCII)
 _DIGEST = re.compile(r"^[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}$")
 _NAME_MAX = 255
 
@@ -69,7 +69,7 @@ class ImageReference:
 
     def with_tag(self, tag: str) -> ImageReference:
         """The same repository with ``tag`` and no digest."""
-        if not _TAG.match(tag):
+        if not _TAG.fullmatch(tag):
             raise ConfigError(f"image tag {tag!r} is not valid: use letters, digits, '_', '.' and '-' (128 at most)")
         return replace(self, tag=tag, digest=None)
 
@@ -116,7 +116,7 @@ def parse_reference(text: str, *, what: str = "image reference") -> ImageReferen
         raise _bad(text, what, "it holds spaces, control or non-ASCII characters")
     rest, at, digest = text.partition("@")
     if at:
-        if not _DIGEST.match(digest):
+        if not _DIGEST.fullmatch(digest):
             raise _bad(text, what, f"digest {digest!r} is not algorithm:hex")
         algo, _, hexpart = digest.partition(":")
         if algo == "sha256" and not re.fullmatch(r"[0-9a-f]{64}", hexpart):
@@ -126,14 +126,14 @@ def parse_reference(text: str, *, what: str = "image reference") -> ImageReferen
     last = remainder.rsplit("/", 1)[-1]
     if ":" in last:
         name, _, tag = remainder.rpartition(":")
-        if not _TAG.match(tag):
+        if not _TAG.fullmatch(tag):
             raise _bad(text, what, f"tag {tag!r} must be letters, digits, '_', '.' or '-' (128 at most)")
-    if registry is not None and not _DOMAIN.match(registry):
+    if registry is not None and not _DOMAIN.fullmatch(registry):
         raise _bad(text, what, f"registry {registry!r} is not host[:port]")
     if not name:
         raise _bad(text, what, "the repository name is empty")
     for part in name.split("/"):
-        if not _PATH_COMPONENT.match(part):
+        if not _PATH_COMPONENT.fullmatch(part):
             raise _bad(
                 text, what, f"path component {part!r} must be lowercase letters and digits joined by '.', '_' or '-'"
             )
@@ -141,6 +141,37 @@ def parse_reference(text: str, *, what: str = "image reference") -> ImageReferen
     if len(full) > _NAME_MAX:
         raise _bad(text, what, f"the repository name is longer than {_NAME_MAX} characters")
     return ImageReference(registry=registry, path=name, tag=tag, digest=digest or None)
+
+
+def check_tag(text: str, *, what: str = "image.tag") -> str:
+    """Check an image tag: ``[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}``.
+
+    Raises:
+        ConfigError: it is not a tag.
+    """
+    if not isinstance(text, str) or not _TAG.fullmatch(text) or not text.isascii():
+        raise ConfigError(
+            f"{what} {text!r} is not a valid image tag: use letters, digits, '_', '.' and '-', "
+            "not starting with '.' or '-', 128 at most",
+            errors=[(what, "not an image tag")],
+        )
+    return text
+
+
+def check_repository(text: str, *, what: str = "image.name") -> str:
+    """Check a repository path with no registry, tag or digest (``team/flagrelease``).
+
+    Raises:
+        ConfigError: it is not one.
+    """
+    ref = parse_reference(text, what=what)
+    if ref.registry is not None or ref.tag is not None or ref.digest is not None:
+        raise ConfigError(
+            f"{what} {text!r} must be a repository name alone (lowercase path components); give the registry "
+            "in image.registry and the tag in image.tag",
+            errors=[(what, "not a bare repository name")],
+        )
+    return text
 
 
 def parse_registry(text: str, *, what: str = "image.registry") -> tuple[str | None, str]:

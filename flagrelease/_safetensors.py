@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DTYPE_SIZES", "SafetensorsHeader", "TensorInfo", "read_header"]
+__all__ = ["DTYPE_SIZES", "MAX_ELEMENTS", "SafetensorsHeader", "TensorInfo", "read_header"]
 
 #: Bytes per element of each safetensors dtype.
 DTYPE_SIZES: dict[str, float] = {
@@ -32,6 +32,8 @@ DTYPE_SIZES: dict[str, float] = {
     "F4": 0.5,
 }
 _MAX_HEADER = 100 << 20
+#: No tensor has more elements than this (2**53, what a float counts exactly).
+MAX_ELEMENTS = 1 << 53
 
 
 @dataclass(frozen=True)
@@ -92,21 +94,56 @@ def read_header(path: Path, *, check: bool = True) -> SafetensorsHeader:
             raise ValueError(f"{path.name}: header length {n} does not fit the file's {size} bytes")
         raw = fh.read(n)
     try:
-        obj: dict[str, Any] = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        obj: Any = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise ValueError(f"{path.name}: header is not valid JSON: {err}") from err
-    meta = obj.pop("__metadata__", None) or {}
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path.name}: header is a JSON {type(obj).__name__}, not an object of tensor entries")
+    meta = obj.pop("__metadata__", None)
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise ValueError(f"{path.name}: __metadata__ is not an object of strings ({_short(meta)})")
     tensors: dict[str, TensorInfo] = {}
     for name, entry in obj.items():
-        try:
-            dtype, shape, (start, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-        except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"{path.name}: tensor {name!r} has a malformed header entry") from err
-        tensors[name] = TensorInfo(name, dtype, shape, int(start), int(end))
+        tensors[name] = _entry(path.name, name, entry)
     header = SafetensorsHeader(path, n, tensors, dict(meta))
     if check:
         _check(header, size)
     return header
+
+
+def _short(value: object) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _entry(file: str, name: str, entry: object) -> TensorInfo:
+    """One tensor entry, checked for shape: a known dtype, whole non-negative dims and offsets."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"{file}: tensor {name!r} has a malformed header entry ({_short(entry)})")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str):
+        raise ValueError(f"{file}: tensor {name!r} has dtype {_short(dtype)}, not a dtype name")
+    if not isinstance(shape, list) or not all(_whole(d) for d in shape):
+        raise ValueError(f"{file}: tensor {name!r} has shape {_short(shape)}, not a list of whole numbers")
+    if any(d < 0 for d in shape):
+        raise ValueError(f"{file}: tensor {name!r} has a negative dimension in its shape {shape}")
+    count = 1
+    for d in shape:
+        count *= d
+    if any(d > MAX_ELEMENTS for d in shape) or count > MAX_ELEMENTS:
+        raise ValueError(f"{file}: tensor {name!r} has shape {shape}, more than {MAX_ELEMENTS} elements")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_whole(o) for o in offsets):
+        raise ValueError(f"{file}: tensor {name!r} has data_offsets {_short(offsets)}, not [start, end] numbers")
+    start, end = offsets
+    if not 0 <= start <= end:
+        raise ValueError(f"{file}: tensor {name!r} has data_offsets [{start}, {end}], not 0 <= start <= end")
+    return TensorInfo(name, dtype, tuple(shape), start, end)
 
 
 def _check(header: SafetensorsHeader, size: int) -> None:

@@ -36,7 +36,7 @@ GATE_FAILED_MARKER = "<!-- flagrelease:gate-failed -->"
 #: The bundle manifest's file name.
 MANIFEST_NAME = "flagrelease.json"
 #: The version of the manifest's schema.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _SCHEMA_PATH = Path(__file__).parent / "card" / "schema" / "flagrelease.schema.json"
 
 
@@ -58,9 +58,13 @@ def gate_failure_reasons(gate: Mapping[str, Any] | None, *, stage: StageResult |
     """Why the release failed its gates; empty when it did not.
 
     A release fails when the gate stage says ``failed``, when the accuracy verdict is
-    ``inconsistent``, or when the FlagGems on/off throughput check failed.
+    ``inconsistent``, or when the operator library's (FlagGems or its CPU stand-in) on/off
+    throughput check failed.  The wording names no library: the card says which one served.
     """
     reasons: list[str] = []
+    outputs: Mapping[str, Any] = {}
+    if stage is not None:
+        outputs = stage.outputs if isinstance(stage.outputs, dict) else stage.outputs.model_dump(mode="json")
     if gate:
         if gate.get("verdict") == "inconsistent":
             bad = [
@@ -72,19 +76,20 @@ def gate_failure_reasons(gate: Mapping[str, Any] | None, *, stage: StageResult |
         thr = gate.get("throughput") or {}
         if thr.get("ok") is False:
             reasons.append(
-                f"FlagGems on/off throughput ratio {thr.get('ratio')} is below the minimum {thr.get('min_ratio')}"
+                f"the operator-library on/off throughput ratio {thr.get('ratio')} is below the minimum "
+                f"{thr.get('min_ratio')}"
             )
         on_off = ((gate.get("flaggems") or {}).get("on_vs_off") or {}).get("verdict")
         if on_off == "inconsistent":
-            reasons.append("results with FlagGems on are inconsistent with FlagGems off")
-    elif stage is not None and stage.outputs.get("verdict") == "inconsistent":
+            reasons.append("results with the operator library on are inconsistent with it off")
+    elif outputs.get("verdict") == "inconsistent":
         reasons.append("accuracy is inconsistent with the reference")
     if (
         stage is not None
-        and stage.outputs.get("throughput_ok") is False
+        and outputs.get("throughput_ok") is False
         and not any("throughput" in r for r in reasons)
     ):
-        reasons.append("the FlagGems on/off throughput check failed")
+        reasons.append("the operator-library on/off throughput check failed")
     if stage is not None and stage.status == "failed" and not reasons:
         reasons.append(f"the gate stage failed: {stage.summary}")
     return reasons

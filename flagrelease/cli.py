@@ -8,11 +8,16 @@ Commands that need Prefect (run, deploy, serve, demo) import it from ``flows/``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import signal
 import sys
+import textwrap
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
+from types import FrameType
 
 from flagrelease import __version__
 from flagrelease.errors import FlagReleaseError
@@ -41,13 +46,20 @@ def _setup_logging(verbose: bool) -> None:
 # -- validate ---------------------------------------------------------------------------
 def _cmd_validate(args: argparse.Namespace) -> int:
     from flagrelease.config import validate_files
+    from flagrelease.errors import ConfigError
+    from flagrelease.matrix import is_matrix_file, matrix_files, validate_matrix
 
     paths = [Path(p) for p in args.paths]
     files: list[Path] = []
     for p in paths:
-        files.extend(sorted(p.glob("*.yaml")) if p.is_dir() else [p])
+        # A folder of release configs holds its matrices in matrices/.
+        files.extend(sorted(p.glob("*.yaml")) + matrix_files(p) if p.is_dir() else [p])
+    matrices = [f for f in files if f.is_file() and is_matrix_file(f)]
+    results: dict[Path | str, ConfigError | None] = dict(validate_files([f for f in files if f not in matrices]))
+    for m in matrices:  # the matrix itself, then each of its pairs (<file>#<chip>)
+        results.update(validate_matrix(m))
     bad = 0
-    for path, err in validate_files(files).items():
+    for path, err in results.items():
         if err is None:
             print(f"ok    {path}")
             continue
@@ -57,7 +69,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
                 print(f"error {path}: {field}: {reason}")
         else:
             print(f"error {err.message}")
-    print(f"{len(files) - bad} valid, {bad} invalid")
+    print(f"{len(results) - bad} valid, {bad} invalid")
     return 1 if bad else 0
 
 
@@ -71,8 +83,50 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 # -- run / demo / deploy / serve (Prefect) ----------------------------------------------
+_STAGE_SYNONYMS = {
+    "download": "fetch",
+    "quantize": "convert",
+    "quantise": "convert",
+    "quant": "convert",
+    "build": "image",
+    "docker": "image",
+    "serve": "deploy",
+    "evaluate": "eval",
+    "evaluation": "eval",
+    "test": "eval",
+    "upload": "publish",
+}
+
+
+def _checked_stages(text: str | None) -> list[str] | None:
+    """The ``--stages`` list, every name checked, before anything starts."""
+    import difflib
+
+    from flagrelease.errors import ConfigError
+    from flagrelease.pipeline import STAGES
+
+    if text is None:
+        return None
+    stages = [s.strip() for s in text.split(",")]
+    for stage in stages:
+        if stage not in STAGES:
+            guess = _STAGE_SYNONYMS.get(stage.lower()) or next(
+                iter(difflib.get_close_matches(stage.lower(), STAGES, n=1, cutoff=0.6)), None
+            )
+            hint = f"did you mean {guess}? " if guess else ""
+            raise ConfigError(
+                f"--stages: unknown stage {stage!r}; {hint}the stages are, in order: {', '.join(STAGES)}",
+                errors=[("--stages", f"unknown stage {stage!r}")],
+            )
+    return stages
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
-    stages = args.stages.split(",") if args.stages else None
+    # Everything a run is given is checked here, before Prefect (or anything else) starts.
+    from flagrelease.config import load_release
+
+    stages = _checked_stages(args.stages)
+    load_release(args.config)
     options = {"role": args.role} if args.role else {}
     if args.role and stages is None:
         from flagrelease.config import load_release
@@ -87,19 +141,39 @@ def _cmd_run(args: argparse.Namespace) -> int:
         ctx = ReleaseContext.create(cfg, config_path=Path(args.config).resolve(), dry_run=args.dry_run, **options)
         results = run_pipeline(ctx, stages=stages, force=args.force)
     else:
-        from flows.release import run_release
+        from flows._server import prefect_api
+        from flows.release import resolve_config, run_release
 
-        results = run_release(Path(args.config), stages=stages, dry_run=args.dry_run, force=args.force, options=options)
+        with _release_lock(resolve_config(args.config), role=args.role, dry_run=args.dry_run), prefect_api():
+            results = run_release(
+                Path(args.config), stages=stages, dry_run=args.dry_run, force=args.force, options=options
+            )
+    # Each summary was logged once as its stage ended; the recap is one line per stage.
     for name, res in results.items():
-        print(f"{name:8s} {res.status:8s} {res.summary}")
+        print(f"{name:8s} {res.status:8s} {max(res.finished_at - res.started_at, 0.0):8.1f}s")
     failed = [r for r in results.values() if r.status == "failed"]
     return 1 if failed else 0
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from flows.release import run_demo
+def _release_lock(config: Path, *, role: str | None = None, dry_run: bool = False) -> AbstractContextManager[None]:
+    """One run per release, checked before Prefect starts: a second run refuses at once, naming the first."""
+    from flagrelease._lease import release_lock
+    from flagrelease.config import load_release
+    from flagrelease.layout import BundleLayout
+    from flagrelease.roles import release_for_role
 
-    card = run_demo(use_prefect=not args.no_prefect, force=args.force)
+    if dry_run:
+        return contextlib.nullcontext()
+    cfg = release_for_role(load_release(config), role)
+    return release_lock(BundleLayout.for_release(cfg).root, release=cfg.name)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from flows._server import prefect_api
+    from flows.release import DEMO_CONFIG, resolve_config, run_demo
+
+    with _release_lock(resolve_config(DEMO_CONFIG)), contextlib.nullcontext() if args.no_prefect else prefect_api():
+        card = run_demo(use_prefect=not args.no_prefect, force=args.force)
     print(f"\nThe demo release is done. Model card: {card}")
     return 0
 
@@ -108,14 +182,18 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
     from flows.deployments import register_deployments
 
     for name in register_deployments(config_dir=Path(args.config_dir) if args.config_dir else None):
-        print(f"registered flagrelease/{name}")
+        print(f"registered {name}")
     return 0
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from flows.deployments import serve_deployments
 
-    serve_deployments(config_dir=Path(args.config_dir) if args.config_dir else None, limit=args.limit)
+    given = serve_deployments(
+        config_dir=Path(args.config_dir) if args.config_dir else None, limit=args.limit, take_over=args.take_over
+    )
+    for name in given:
+        print(f"gave {name} back to its work pool")
     return 0
 
 
@@ -134,7 +212,12 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from flagrelease.convert import convert_checkpoint
 
     report = convert_checkpoint(
-        Path(args.src), dst=Path(args.dst), to=args.to, workers=args.workers, device=args.device
+        Path(args.src),
+        dst=Path(args.dst),
+        to=args.to,
+        workers=args.workers,
+        device=args.device,
+        allow_non_finite=args.allow_non_finite,
     )
     print(report.to_text())
     return 0
@@ -152,9 +235,21 @@ def _cmd_render(args: argparse.Namespace) -> int:
 
 
 def _cmd_gate(args: argparse.Namespace) -> int:
-    from flagrelease.gate import gate_dirs
+    from flagrelease.errors import GateError
+    from flagrelease.gate import Rule, gate_dirs, gate_scores
+    from flagrelease.samples import SamplesError, load_reference_scores
 
-    report = gate_dirs(Path(args.reference), target=Path(args.target), margin=args.margin, alpha=args.alpha)
+    rule = Rule(args.rule, args.relative_margin)
+    if args.reference_scores:
+        try:
+            scores = load_reference_scores(Path(args.reference_scores))
+        except SamplesError as err:
+            raise GateError(str(err)) from err
+        report = gate_scores(scores, target=Path(args.target), margin=args.margin, alpha=args.alpha, rule=rule)
+    else:
+        report = gate_dirs(
+            Path(args.reference), target=Path(args.target), margin=args.margin, alpha=args.alpha, rule=rule
+        )
     print(report.to_text())
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_json(), indent=2))
@@ -185,7 +280,7 @@ def _cmd_publish(args: argparse.Namespace) -> int:
 
 def _cmd_probe(args: argparse.Namespace) -> int:
     from flagrelease.config import load_release
-    from flagrelease.gems.probe import probe_gems
+    from flagrelease.gems import probe_gems
 
     cfg = load_release(args.config)
     report = probe_gems(
@@ -203,6 +298,13 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 
 
 def _cmd_runtime(args: argparse.Namespace) -> int:
+    if args.action == "record-args":
+        from flagrelease.config import record_vllm_args
+        from flagrelease.runtime import serve_python
+
+        python = Path(args.python) if args.python else serve_python(args.chip, install=False)
+        print(record_vllm_args(python, **({"out_dir": Path(args.out)} if args.out else {})))
+        return 0
     from flagrelease.runtime import ensure_runtime
 
     python = ensure_runtime(args.chip, reinstall=args.reinstall)
@@ -219,27 +321,59 @@ def _cmd_chips(args: argparse.Namespace) -> int:
     return 0
 
 
+_DESCRIPTION = (
+    "Release a large language model onto an AI chip: fetch the weights, convert them, build the "
+    "serving image, deploy it, evaluate it against a reference, gate the result, write the model card "
+    "and publish the bundle."
+)
+
+_START_HERE = """\
+start here:
+  flagrelease demo          the demo release: a tiny model, end to end, on this CPU
+  flagrelease run CONFIG    a release of your own (check it first: flagrelease validate CONFIG)
+"""
+
+_EPILOG = "Each command has its own help: flagrelease COMMAND --help."
+
+
+def _command(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, summary: str
+) -> argparse.ArgumentParser:
+    """Add subcommand ``name``; its one-line summary is also its description."""
+    return sub.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``flagrelease``."""
-    p = argparse.ArgumentParser(prog="flagrelease", description=__doc__.splitlines()[0])
+    from flagrelease.pipeline import STAGES
+
+    p = argparse.ArgumentParser(
+        prog="flagrelease",
+        description=f"{textwrap.fill(_DESCRIPTION, width=88)}\n\n{_START_HERE}",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--version", action="version", version=f"flagrelease {__version__}")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
+    config_help = "the release config (a YAML file, e.g. release_configs/demo-tiny-cpu.yaml)"
 
-    s = sub.add_parser("validate", help="validate release configs (files or folders)")
-    s.add_argument("paths", nargs="+")
-    s.set_defaults(func=_cmd_validate)
+    # -- the two a newcomer needs -----------------------------------------------------------
+    s = _command(sub, "demo", "release the built-in tiny model end to end on this CPU; prints the card's path")
+    s.add_argument("--no-prefect", action="store_true", help="run the plain-Python pipeline, without Prefect")
+    s.add_argument("--force", action="store_true", help="run every stage again, ignoring cached results")
+    s.set_defaults(func=_cmd_demo)
 
-    s = sub.add_parser("plan", help="show what a release would do, without doing it")
-    s.add_argument("configs", nargs="+")
-    s.set_defaults(func=_cmd_plan)
-
-    s = sub.add_parser("run", help="run a release (the flagrelease flow) in this process")
-    s.add_argument("config")
-    s.add_argument("--stages", help="comma-separated stages (default: all)")
-    s.add_argument("--dry-run", action="store_true")
-    s.add_argument("--force", action="store_true", help="ignore cached stage results")
-    s.add_argument("--no-prefect", action="store_true", help="run the plain-Python pipeline")
+    s = _command(sub, "run", "run a release (the flagrelease flow) in this process")
+    s.add_argument("config", help=config_help)
+    s.add_argument(
+        "--stages",
+        metavar="STAGE[,STAGE...]",
+        help=f"comma-separated stages to run, in pipeline order: {', '.join(STAGES)} (default: all)",
+    )
+    s.add_argument("--dry-run", action="store_true", help="plan every stage without side effects")
+    s.add_argument("--force", action="store_true", help="ignore cached stage results and run the stages again")
+    s.add_argument("--no-prefect", action="store_true", help="run the plain-Python pipeline, without Prefect")
     s.add_argument(
         "--role",
         choices=["reference"],
@@ -247,86 +381,139 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(func=_cmd_run)
 
-    s = sub.add_parser("demo", help="the embedded demo release on this CPU; prints the card's path")
-    s.add_argument("--no-prefect", action="store_true")
-    s.add_argument("--force", action="store_true")
-    s.set_defaults(func=_cmd_demo)
+    s = _command(sub, "validate", "validate release configs (files or folders)")
+    s.add_argument("paths", nargs="+", metavar="PATH", help="a release config, or a folder of them (*.yaml)")
+    s.set_defaults(func=_cmd_validate)
 
-    s = sub.add_parser("deploy", help="register one Prefect deployment per release config")
-    s.add_argument("--config-dir")
-    s.set_defaults(func=_cmd_deploy)
+    s = _command(sub, "plan", "show what a release would do, without doing it")
+    s.add_argument("configs", nargs="+", metavar="CONFIG", help="release configs (YAML files)")
+    s.set_defaults(func=_cmd_plan)
 
-    s = sub.add_parser("serve", help="serve every release config's deployment from this process")
-    s.add_argument("--config-dir")
-    s.add_argument("--limit", type=int, default=None, help="max concurrent runs")
-    s.set_defaults(func=_cmd_serve)
-
-    s = sub.add_parser("fetch", help="download a release's weights and write the manifest")
-    s.add_argument("config")
-    s.add_argument("dest")
-    s.add_argument("--workers", type=int, default=8)
-    s.add_argument("--dry-run", action="store_true")
+    # -- one stage at a time ----------------------------------------------------------------
+    s = _command(sub, "fetch", "download a release's weights and write the manifest")
+    s.add_argument("config", help=config_help)
+    s.add_argument("dest", help="the folder to download into (created if missing)")
+    s.add_argument("--workers", type=int, default=8, help="files transferred in parallel (default: 8)")
+    s.add_argument("--dry-run", action="store_true", help="list the files and sizes; download nothing")
     s.set_defaults(func=_cmd_fetch)
 
-    s = sub.add_parser("convert", help="convert a checkpoint, streaming tensor by tensor")
-    s.add_argument("src")
-    s.add_argument("dst")
-    s.add_argument("--to", required=True, choices=["bf16", "int8-w8a8", "int8-w8a16", "int4-w4a16"])
+    s = _command(sub, "convert", "convert a checkpoint, streaming tensor by tensor")
+    s.add_argument("src", help="the checkpoint folder (safetensors and config.json)")
+    s.add_argument("dst", help="the folder to write the converted checkpoint into")
+    s.add_argument(
+        "--to",
+        required=True,
+        choices=["bf16", "int8-w8a8", "int8-w8a16", "int4-w4a16"],
+        help="the target format",
+    )
     s.add_argument("--workers", type=int, default=0, help="threads (0: every core)")
-    s.add_argument("--device", default="cpu", help="cpu or cuda")
+    s.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    s.add_argument(
+        "--allow-non-finite",
+        action="store_true",
+        help="convert tensors holding NaN or Inf (by default such a tensor stops the conversion, named)",
+    )
     s.set_defaults(func=_cmd_convert)
 
-    s = sub.add_parser("render", help="write FlagScale configs, the vllm command and the Dockerfile")
-    s.add_argument("config")
-    s.add_argument("outdir")
+    s = _command(sub, "render", "write FlagScale configs, the vllm command and the Dockerfile")
+    s.add_argument("config", help=config_help)
+    s.add_argument("outdir", help="the folder to write the files into")
     s.set_defaults(func=_cmd_render)
 
-    s = sub.add_parser("gate", help="paired statistical consistency verdict between two lm-eval runs")
-    s.add_argument("--reference", required=True, help="lm-eval --log_samples output of the reference")
+    s = _command(sub, "gate", "statistical consistency verdict: two lm-eval runs, or a run and published scores")
+    ref = s.add_mutually_exclusive_group(required=True)
+    ref.add_argument("--reference", help="lm-eval --log_samples output of the reference")
+    ref.add_argument(
+        "--reference-scores",
+        metavar="YAML",
+        help="published reference scores instead (task -> score in percent, n where known): an unpaired test",
+    )
     s.add_argument("--target", required=True, help="lm-eval --log_samples output of the target")
-    s.add_argument("--margin", type=float, default=5.0, help="equivalence margin, percentage points")
-    s.add_argument("--alpha", type=float, default=0.05)
+    s.add_argument("--margin", type=float, default=5.0, help="equivalence margin, percentage points (default: 5)")
+    s.add_argument("--alpha", type=float, default=0.05, help="level of each one-sided test (default: 0.05)")
+    s.add_argument(
+        "--rule",
+        choices=["absolute", "relative"],
+        default="absolute",
+        help="absolute: TOST against --margin (default); relative: FlagRelease's drop of at most --relative-margin",
+    )
+    s.add_argument(
+        "--relative-margin", type=float, default=5.0, help="relative rule: largest drop, percent of the reference"
+    )
     s.add_argument("--json", help="also write the report as JSON here")
     s.set_defaults(func=_cmd_gate)
 
-    s = sub.add_parser("card", help="render the model card")
-    s.add_argument("config")
-    s.add_argument("--results", help="eval results JSON (default: rows render as TBD)")
-    s.add_argument("--out", required=True)
+    s = _command(sub, "card", "render the model card")
+    s.add_argument("config", help=config_help)
+    s.add_argument("--results", help="gate results JSON (default: rows render as TBD)")
+    s.add_argument("--out", required=True, help="the folder to write README.md (the card) and serve/ into")
     s.set_defaults(func=_cmd_card)
 
-    s = sub.add_parser("publish", help="upload a built bundle (HF Hub, ModelScope, S3, registry)")
-    s.add_argument("config")
+    s = _command(sub, "publish", "upload a built bundle (HF Hub, ModelScope, S3, registry)")
+    s.add_argument("config", help=config_help)
     s.add_argument("--bundle", help="bundle folder (default: the release's)")
-    s.add_argument("--dry-run", action="store_true")
+    s.add_argument("--dry-run", action="store_true", help="show what would be uploaded, and where; upload nothing")
     s.set_defaults(func=_cmd_publish)
 
-    s = sub.add_parser("probe-gems", help="per-operator FlagGems consistency probe (needs the chip)")
-    s.add_argument("config")
-    s.add_argument("--out")
+    s = _command(sub, "probe-gems", "per-operator FlagGems consistency probe (needs the chip)")
+    s.add_argument("config", help=config_help)
+    s.add_argument("--out", help="folder for gems_probe.json and gems_probe.md (default: the bundle's reports folder)")
     s.add_argument("--weights", help="checkpoint folder (default: random weights of the release's architecture)")
     s.add_argument("--model-config", help="config.json for random weights (default: the release's)")
     s.add_argument("--layers", type=int, help="keep this many decoder layers (default: 2 with random weights)")
     s.add_argument("--ops", help="comma-separated FlagGems operators (default: every one the model uses)")
-    s.add_argument("--timeout", type=float, default=120, help="seconds per operator process")
-    s.add_argument("--jobs", type=int, default=1, help="operator processes at once")
+    s.add_argument("--timeout", type=float, default=120, help="seconds per operator process (default: 120)")
+    s.add_argument("--jobs", type=int, default=1, help="operator processes at once (default: 1)")
     s.set_defaults(func=_cmd_probe)
 
-    s = sub.add_parser("runtime", help="prepare the serving runtime for a chip (default: cpu)")
-    s.add_argument("action", choices=["install"])
-    s.add_argument("--chip", default="cpu")
-    s.add_argument("--reinstall", action="store_true")
+    # -- Prefect deployments ----------------------------------------------------------------
+    configs_help = "folder of release configs (default: release_configs/)"
+    s = _command(sub, "deploy", "register one Prefect deployment per release config")
+    s.add_argument("--config-dir", help=configs_help)
+    s.set_defaults(func=_cmd_deploy)
+
+    s = _command(sub, "serve", "serve every release config's deployment from this process")
+    s.add_argument("--config-dir", help=configs_help)
+    s.add_argument("--limit", type=int, default=None, help="max concurrent runs (default: no limit)")
+    s.add_argument(
+        "--take-over",
+        action="store_true",
+        help="also serve other chips' work-pool deployments here (each is given back when serving stops)",
+    )
+    s.set_defaults(func=_cmd_serve)
+
+    # -- this machine -----------------------------------------------------------------------
+    s = _command(sub, "runtime", "prepare the serving runtime for a chip (default: cpu)")
+    s.add_argument(
+        "action",
+        choices=["install", "record-args"],
+        help="install: create the serving venv unless a complete one exists; record-args: record the engine "
+        "arguments of a vLLM (--python) in flagrelease/data/vllm_args/<version>.json, which validate checks "
+        "engine_args against",
+    )
+    s.add_argument("--python", help="record-args: an interpreter with vLLM (default: the chip's serving runtime)")
+    s.add_argument("--out", help="record-args: the folder to write into (default: flagrelease/data/vllm_args)")
+    s.add_argument("--chip", default="cpu", help="the chip profile (default: cpu, the only one with a local runtime)")
+    s.add_argument("--reinstall", action="store_true", help="remove and recreate the venv even if it is complete")
     s.set_defaults(func=_cmd_runtime)
 
-    s = sub.add_parser("chips", help="list chip profiles")
+    s = _command(sub, "chips", "list chip profiles")
     s.set_defaults(func=_cmd_chips)
     return p
+
+
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the teardown it starts is bounded; let it finish
+    raise SystemExit(128 + signum)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
+    if args.command in ("run", "demo"):
+        # SIGTERM unwinds like Ctrl-C, so servers are stopped and locks released on the way out.
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         return int(args.func(args) or 0)
     except FlagReleaseError as err:

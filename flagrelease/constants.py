@@ -7,9 +7,11 @@ see changes to the environment.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 __all__ = [
+    "PREFECT_ENV_DEFAULTS",
     "REPO_ROOT",
     "SECRET_ENV_VARS",
     "aws_credentials",
@@ -22,13 +24,16 @@ __all__ = [
     "hf_endpoint",
     "hf_token",
     "home_dir",
+    "kernel_cache_dirs",
     "modelscope_endpoint",
     "modelscope_token",
     "registry_credentials",
     "release_configs_dir",
     "runtimes_dir",
+    "secret_from_env",
     "secret_values",
     "serve_python",
+    "services_dir",
     "templates_dir",
     "use_flaggems",
 ]
@@ -50,6 +55,18 @@ SECRET_ENV_VARS = (
     "OPENAI_API_KEY",
 )
 
+#: Prefect settings flagrelease runs Prefect with, unless the environment sets them.
+#: ``flows/`` and ``tasks/`` set them before Prefect is imported; the servers and workers
+#: they start inherit them.  flagrelease's own loggers go to the run page; their records
+#: outside a run (the plain-Python pipeline, ``flagrelease deploy``) stay on the console
+#: without a warning each; the temporary server Prefect starts when no ``PREFECT_API_URL``
+#: is set sends no usage heartbeat (offline, each attempt logs ``Failed to send telemetry``).
+PREFECT_ENV_DEFAULTS: dict[str, str] = {
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "flagrelease",
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+}
+
 
 def _env(name: str) -> str | None:
     value = os.environ.get(name)
@@ -62,13 +79,18 @@ def home_dir() -> Path:
 
 
 def cache_dir() -> Path:
-    """Download and conversion caches, below :func:`home_dir`."""
-    return home_dir() / "cache"
+    """Caches (hub downloads, the generated demo model): ``$FLAGRELEASE_CACHE``, else below :func:`home_dir`."""
+    return Path(_env("FLAGRELEASE_CACHE") or home_dir() / "cache")
 
 
 def runtimes_dir() -> Path:
     """Serving runtimes (virtual environments), ``$FLAGRELEASE_RUNTIMES`` or below home."""
     return Path(_env("FLAGRELEASE_RUNTIMES") or home_dir() / "runtimes")
+
+
+def services_dir() -> Path:
+    """State of the services flagrelease starts itself (dockerd, registry): ``$FLAGRELEASE_SERVICES`` or below home."""
+    return Path(_env("FLAGRELEASE_SERVICES") or home_dir() / "services")
 
 
 def serve_python() -> Path | None:
@@ -131,6 +153,11 @@ def registry_credentials() -> dict[str, str] | None:
     return {"username": user, "password": password} if user and password else None
 
 
+def secret_from_env(name: str) -> str | None:
+    """The value of the variable ``name`` that a config's ``{secret: NAME}`` reference names, if set."""
+    return _env(name)
+
+
 def secret_values() -> list[str]:
     """The current values of every secret variable, longest first, for redaction."""
     values = {v for name in SECRET_ENV_VARS if (v := _env(name)) and len(v) >= 4}
@@ -160,5 +187,18 @@ def gems_record_dir() -> Path | None:
 
 
 def gems_inject() -> str | None:
-    """A deliberately broken operator for tests, ``$FLAGRELEASE_GEMS_INJECT`` (``op[:mode]``)."""
+    """A deliberately broken (or slowed) operator for tests, ``$FLAGRELEASE_GEMS_INJECT`` (``op[:mode]``)."""
     return _env("FLAGRELEASE_GEMS_INJECT")
+
+
+def kernel_cache_dirs(env: Mapping[str, str] | None = None) -> list[Path]:
+    """The Triton and FlagGems code caches of a process with environment ``env`` (default: ours).
+
+    Triton's is ``$TRITON_CACHE_DIR`` or ``~/.triton/cache``; FlagGems' generated code is
+    ``code_cache`` below ``$FLAGGEMS_CACHE_DIR`` or ``~/.flaggems``.
+    """
+    env = os.environ if env is None else env
+    home = Path(env.get("HOME") or Path.home())
+    triton = env.get("TRITON_CACHE_DIR") or str(home / ".triton" / "cache")
+    gems = env.get("FLAGGEMS_CACHE_DIR") or str(home / ".flaggems")
+    return [Path(triton), Path(gems) / "code_cache"]

@@ -8,6 +8,7 @@ says what to do next.
 from __future__ import annotations
 
 __all__ = [
+    "BusyError",
     "ConfigError",
     "ConvertError",
     "DeployError",
@@ -20,6 +21,7 @@ __all__ = [
     "PublishBlockedError",
     "PublishError",
     "RuntimeSetupError",
+    "ServiceError",
 ]
 
 
@@ -33,6 +35,9 @@ class FlagReleaseError(Exception):
     """
 
     stage: str | None = None
+    #: Whether retrying the same step can help: True (a transient fault), False (it cannot),
+    #: None (unknown: decided by ``flagrelease.retry.is_transient`` from the error's kind).
+    transient: bool | None = None
 
     def __init__(
         self,
@@ -133,3 +138,13 @@ class PublishError(FlagReleaseError, OSError):
 
 class PublishBlockedError(PublishError):
     """Publishing is refused (the release failed its gate); retrying cannot help."""
+
+
+class ServiceError(FlagReleaseError, RuntimeError):
+    """A service flagrelease manages (its own dockerd, the local registry) could not start or answer."""
+
+
+class BusyError(FlagReleaseError, RuntimeError):
+    """Another flagrelease process holds what this one needs (a release's work folder, a port, a runtime)."""
+
+    transient = False

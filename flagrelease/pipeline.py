@@ -8,6 +8,7 @@ stages whose inputs have not changed and a failed run resumes at the stage that 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
@@ -29,7 +30,9 @@ from flagrelease.errors import ConfigError
 from flagrelease.layout import BundleLayout
 
 __all__ = [
+    "HOOKS",
     "STAGES",
+    "STAGE_INPUTS",
     "ProgressFn",
     "ReleaseContext",
     "StageOutputs",
@@ -45,6 +48,22 @@ log = logging.getLogger("flagrelease.pipeline")
 #: The stages, in order, and the module that owns each.
 STAGES: tuple[str, ...] = ("fetch", "convert", "image", "deploy", "eval", "gate", "card", "publish")
 _MODULES = {s: f"flagrelease.{s}" for s in STAGES} | {"eval": "flagrelease.evaluate"}
+
+#: The stages whose results each stage depends on: every stage before it, except that the
+#: image needs only the fetch (it renders the path the convert writes to, not what it
+#: writes).  A stage's fingerprint covers these; a flow may start it as soon as they are
+#: done (the image beside the convert).
+STAGE_INPUTS: dict[str, tuple[str, ...]] = {s: STAGES[:i] for i, s in enumerate(STAGES)} | {"image": ("fetch",)}
+
+#: Hooks: functions one stage lends the others, by name -> ``module:attribute``.  Resolved
+#: here, by :meth:`ReleaseContext.hook`, so that no stage package imports another's code:
+#: serving a model and one load-test level (deploy), and evaluating the target with some
+#: FlagGems operators excluded (eval; the gate's bisection runs it).
+HOOKS: dict[str, str] = {
+    "serving": "flagrelease.deploy:serving",
+    "load_test": "flagrelease.deploy.loadtest:run_load_test",
+    "flaggems_trial": "flagrelease.evaluate:flaggems_trial",
+}
 
 #: Which parts of the config each stage's output depends on (besides upstream results).
 _STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
@@ -147,6 +166,21 @@ class ReleaseContext:
     results: dict[str, StageResult] = field(default_factory=dict)
     progress: ProgressFn = _no_progress
     options: dict[str, Any] = field(default_factory=dict)
+    hooks: dict[str, Callable[..., Any]] = field(default_factory=dict)
+
+    def hook(self, name: str) -> Callable[..., Any]:
+        """A function another stage lends (:data:`HOOKS`); ``hooks`` overrides it (tests, benchmarks).
+
+        Raises:
+            ConfigError: the name is unknown (the message lists the hooks).
+        """
+        if name in self.hooks:
+            return self.hooks[name]
+        if name not in HOOKS:
+            raise ConfigError(f"unknown hook {name!r}; hooks: {', '.join(sorted(HOOKS))}")
+        module, _, attr = HOOKS[name].partition(":")
+        fn: Callable[..., Any] = getattr(importlib.import_module(module), attr)
+        return fn
 
     @property
     def chip(self) -> ChipProfile:
@@ -228,7 +262,7 @@ def stage_function(stage: str) -> Callable[[ReleaseContext], StageResult]:
 #: Shared code and templates (beyond the stage's own package) whose changes must
 #: invalidate a stage's cached result. Paths are relative to the repo root.
 _STAGE_CODE: dict[str, tuple[str, ...]] = {
-    "fetch": ("flagrelease/tinymodel.py", "flagrelease/_filehash.py", "flagrelease/_safetensors.py"),
+    "fetch": ("flagrelease/tinymodel", "flagrelease/_filehash.py", "flagrelease/_safetensors.py"),
     "convert": ("flagrelease/_safetensors.py",),
     "image": ("flagrelease/render.py", "flagrelease/_oci.py", "templates/docker", "templates/flagscale"),
     "deploy": (
@@ -282,8 +316,7 @@ def stage_fingerprint(ctx: ReleaseContext, stage: str) -> str:
         "code": _code_digest(stage),
         "options": {k: v for k, v in sorted(ctx.options.items()) if isinstance(v, str | int | float | bool)},
     }
-    upstream = STAGES[: STAGES.index(stage)]
-    known = {s: ctx.results.get(s) or load_stage_result(ctx.layout, s) for s in upstream}
+    known = {s: ctx.results.get(s) or load_stage_result(ctx.layout, s) for s in STAGE_INPUTS[stage]}
     parts["upstream"] = {s: r.fingerprint for s, r in known.items() if r is not None}
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:24]
@@ -327,16 +360,25 @@ def run_pipeline(
 ) -> dict[str, StageResult]:
     """Run ``stages`` (default: all) in pipeline order, without Prefect.
 
-    Stages whose fingerprint matches their saved result are skipped.
+    Stages whose fingerprint matches their saved result are skipped.  The release's work
+    folder is locked for the whole run (a dry run excepted): a second run of the same
+    release refuses at once, naming this one.
 
     Returns:
         The result of each stage run or reused.
+
+    Raises:
+        BusyError: another process runs this release.
     """
+    from flagrelease._lease import release_lock
+
     wanted = list(stages or STAGES)
     for s in wanted:
         if s not in STAGES:
             raise ConfigError(f"unknown stage {s!r}; stages: {', '.join(STAGES)}")
-    for stage in STAGES:
-        if stage in wanted:
-            execute_stage(ctx, stage, force=force)
+    lock = contextlib.nullcontext() if ctx.dry_run else release_lock(ctx.layout.root, release=ctx.config.name)
+    with lock:
+        for stage in STAGES:
+            if stage in wanted:
+                execute_stage(ctx, stage, force=force)
     return {s: ctx.results[s] for s in wanted}

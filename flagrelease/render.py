@@ -6,8 +6,16 @@ from a release config or a chip profile is checked before it reaches a template 
 references against the OCI grammar, environment names, one-line values, hosts) and is
 then quoted for where it lands: Dockerfile words are double-quoted with ``$``, ``"`` and
 ``\\`` escaped, Dockerfile commands are JSON exec-form arrays, shell words go through
-:func:`shlex.quote` and YAML values through a real YAML dumper (and are read back to
-prove they round-trip).
+:func:`shlex.quote` (:func:`shell_word`, also for the card's code blocks), YAML values
+through a real YAML dumper (and are read back to prove they round-trip) with OmegaConf's
+``${`` escaped (FlagScale reads its configs with Hydra), Markdown table cells through
+:func:`markdown_cell` and inline code through :func:`markdown_code`.
+
+Secrets are references (``serve.envs: {HF_TOKEN: {secret: HF_TOKEN}}``), never values:
+:func:`serve_env` holds the literal variables only, :func:`serve_secret_refs` names the
+secret ones, and :func:`serve_secrets` resolves them at run time for a process's
+environment.  Rendered files read them where they run: ``vllm_serve.sh`` from
+``$NAME``, the FlagScale config through ``${oc.env:NAME}``.
 
 The FlagScale files of a release (:func:`render_serve_configs`)::
 
@@ -22,7 +30,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -33,7 +41,8 @@ import yaml
 from flagrelease import __version__
 from flagrelease._atomic import atomic_write_text
 from flagrelease._oci import ImageReference, parse_reference, parse_registry
-from flagrelease.config import ReleaseConfig
+from flagrelease._redact import register_secret
+from flagrelease.config import ReleaseConfig, SecretRef
 from flagrelease.constants import templates_dir
 from flagrelease.errors import ConfigError
 from flagrelease.layout import BundleLayout
@@ -41,12 +50,17 @@ from flagrelease.layout import BundleLayout
 __all__ = [
     "CONF_DIR",
     "GEMS_EXCLUDE_ENV",
+    "RAY_PORT",
     "USE_FLAGGEMS_ENV",
     "bad_value",
     "before_start",
     "engine_args",
     "image_reference",
+    "markdown_cell",
+    "markdown_code",
+    "markdown_text",
     "model_slug",
+    "omegaconf_escape",
     "one_line",
     "render_serve_configs",
     "render_template",
@@ -54,7 +68,11 @@ __all__ = [
     "serve_env",
     "serve_files",
     "serve_host",
+    "serve_secret_refs",
+    "serve_secrets",
     "served_model_path",
+    "shell_join",
+    "shell_word",
     "vllm_args",
 ]
 
@@ -65,8 +83,14 @@ GEMS_EXCLUDE_ENV = "FLAGRELEASE_GEMS_EXCLUDE"
 #: Where the image keeps the FlagScale configs of its release.
 CONF_DIR = "/opt/flagrelease/conf"
 
+_LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+#: The Ray head's port of a multi-node serve (FlagScale's default).
+RAY_PORT = 6379
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+# Markdown's active characters: always, ``_`` at a word's edge (GFM ignores it inside a
+# word), ``&`` starting an entity and ``#`` starting the text (a heading).
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*\[\]<>|~]|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])|&(?=#?[A-Za-z0-9]+;)|^#)")
 _HOST = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|[0-9A-Fa-f:.]+|\[[0-9A-Fa-f:.]+\])$")
 
 
@@ -88,9 +112,12 @@ def one_line(value: object, field: str, *, cfg: ReleaseConfig | None = None) -> 
     return text
 
 
-def _env_items(env: Mapping[str, str], where: str, *, cfg: ReleaseConfig | None = None) -> dict[str, str]:
+def _env_items(env: Mapping[str, object], where: str, *, cfg: ReleaseConfig | None = None) -> dict[str, str]:
+    """The literal variables of ``env``, names and values checked; ``{secret: NAME}`` entries left out."""
     out: dict[str, str] = {}
     for key, value in env.items():
+        if isinstance(value, SecretRef):
+            continue
         if not _ENV_NAME.match(str(key)):
             raise bad_value(
                 f"{where}.{key}",
@@ -101,6 +128,47 @@ def _env_items(env: Mapping[str, str], where: str, *, cfg: ReleaseConfig | None 
             )
         out[str(key)] = one_line(value, f"{where}.{key}", cfg=cfg)
     return out
+
+
+# -- quoting for each target ---------------------------------------------------------------
+def shell_word(value: object) -> str:
+    """``value`` as one POSIX shell word (:func:`shlex.quote`), refused when it holds a control character."""
+    return shlex.quote(one_line(value, "shell value"))
+
+
+def shell_join(argv: Iterable[object]) -> str:
+    """A command line of shell words, each quoted with :func:`shell_word`."""
+    return " ".join(shell_word(a) for a in argv)
+
+
+def markdown_text(value: object) -> str:
+    """``value`` as Markdown text that renders as itself: one line, every Markdown/HTML character escaped."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", one_line(value, "Markdown text"))
+
+
+def markdown_cell(value: object) -> str:
+    """``value`` (Markdown already) as one table cell: one line, ``|`` escaped so it cannot add a column."""
+    return re.sub(r"(?<!\\)\|", r"\\|", one_line(value, "Markdown table cell"))
+
+
+def markdown_code(value: object) -> str:
+    """``value`` as an inline code span that no backtick inside can close early."""
+    text = one_line(value, "Markdown code")
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * (longest + 1)
+    pad = " " if text.startswith(("`", " ")) or text.endswith(("`", " ")) else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def omegaconf_escape(value: Any) -> Any:
+    """Strings inside ``value`` with OmegaConf's ``${`` escaped, so Hydra (FlagScale) reads them as written."""
+    if isinstance(value, str):
+        return re.sub(r"(\\*)\$\{", lambda m: "\\" * (2 * len(m.group(1)) + 1) + "${", value)
+    if isinstance(value, dict):
+        return {k: omegaconf_escape(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [omegaconf_escape(v) for v in value]
+    return value
 
 
 # -- quoting filters -----------------------------------------------------------------------
@@ -159,8 +227,9 @@ def _environment(root: Path) -> jinja2.Environment:
         exec_form=_exec_form,
         yaml=_yaml_inline,
         yaml_block=_yaml_block,
-        shquote=lambda v: shlex.quote(one_line(v, "shell value")),
+        shquote=shell_word,
         shell_lines=_shell_lines,
+        comment=lambda v: one_line(v, "comment text"),
     )
     return env
 
@@ -242,6 +311,9 @@ def engine_args(cfg: ReleaseConfig, *, model_path: str | None = None) -> dict[st
         for item in value if isinstance(value, list) else [value]:
             one_line(item, f"serve.engine_args.{key}", cfg=cfg)
         args[key] = value
+    if len(cfg.nodes) > 1 and args.get("host") in _LOOPBACK:
+        # Served across nodes: the head's server must be reachable from the other nodes.
+        args["host"] = "0.0.0.0"
     return args
 
 
@@ -304,7 +376,8 @@ def serve_env(cfg: ReleaseConfig, *, flaggems: bool | None = None) -> dict[str, 
 
     Returns:
         Variable name to value, in that order; ``FLAGRELEASE_GEMS_EXCLUDE`` is set only
-        when FlagGems is on and operators are excluded.
+        when FlagGems is on and operators are excluded.  Secrets (``{secret: NAME}``) are
+        not here: see :func:`serve_secret_refs` and :func:`serve_secrets`.
     """
     on = cfg.serve.flaggems.enabled if flaggems is None else flaggems
     env = _env_items(cfg.chip_profile.env, f"chip profile {cfg.chip}: env", cfg=cfg)
@@ -315,9 +388,43 @@ def serve_env(cfg: ReleaseConfig, *, flaggems: bool | None = None) -> dict[str, 
     return env
 
 
+def serve_secret_refs(cfg: ReleaseConfig) -> dict[str, str]:
+    """The serving variables given by reference: variable name -> secret name (``{secret: NAME}``)."""
+    return {k: v.secret for k, v in cfg.serve.envs.items() if isinstance(v, SecretRef)}
+
+
+def serve_secrets(cfg: ReleaseConfig, *, lookup: Callable[[str], str] | None = None) -> dict[str, str]:
+    """The serving variables given by reference, resolved: variable name -> value.
+
+    For a process's environment only: never write the result to a file or a log.  Each
+    value is registered for redaction.
+
+    Args:
+        cfg: the release.
+        lookup: resolves a secret name (default: :func:`flagrelease.secrets.resolve_secret`,
+            the environment then any registered resolver, e.g. Prefect Secret blocks).
+
+    Raises:
+        ConfigError: a secret is not set anywhere; the message says how to set it.
+    """
+    from flagrelease.secrets import resolve_secret
+
+    resolve = lookup or resolve_secret
+    out: dict[str, str] = {}
+    for var, name in serve_secret_refs(cfg).items():
+        value = resolve(name)
+        register_secret(value)
+        out[var] = value
+    return out
+
+
 def before_start(cfg: ReleaseConfig) -> str:
     """FlagScale's ``cmds.before_start``: the config's commands and the FlagGems exports, joined by `` && ``."""
     parts = [one_line(c, "serve.before_start", cfg=cfg) for c in cfg.serve.before_start]
+    if cfg.serve.flaggems.enabled and cfg.serve.flaggems.clean_caches:
+        from flagrelease.runtime import CLEAN_KERNEL_CACHES_SHELL
+
+        parts.append(CLEAN_KERNEL_CACHES_SHELL)
     parts.append(f"export {USE_FLAGGEMS_ENV}={'true' if cfg.serve.flaggems.enabled else 'false'}")
     if cfg.serve.flaggems.enabled and cfg.serve.flaggems.excluded_ops:
         parts.append(f"export {GEMS_EXCLUDE_ENV}={shlex.quote(','.join(cfg.serve.flaggems.excluded_ops))}")
@@ -357,8 +464,13 @@ def serve_files(cfg: ReleaseConfig, *, model_path: str | None) -> dict[str, str]
         if cfg.serve.container_name:
             runner["docker"] = cfg.serve.container_name
     runner["ssh_port"] = 22
-    envs = {k: _yaml_env_value(v) for k, v in _env_items(cfg.serve.envs, "serve.envs", cfg=cfg).items()}
-    start = before_start(cfg)
+    envs: dict[str, Any] = {
+        k: _yaml_env_value(omegaconf_escape(v)) for k, v in _env_items(cfg.serve.envs, "serve.envs", cfg=cfg).items()
+    }
+    secrets = serve_secret_refs(cfg)
+    envs.update({var: f"${{oc.env:{name}}}" for var, name in secrets.items()})  # read where FlagScale runs
+    start = omegaconf_escape(before_start(cfg))
+    runner = omegaconf_escape(runner)
     experiment = render_template("experiment.yaml.j2", runner=runner, envs=envs, before_start=start, **common)
     _check_yaml(
         experiment,
@@ -370,15 +482,30 @@ def serve_files(cfg: ReleaseConfig, *, model_path: str | None) -> dict[str, str]
             ("experiment", "cmds", "before_start"): start,
         },
     )
+    yaml_args = omegaconf_escape(args)
     serve = render_template(
-        "serve.yaml.j2", serve_id=cfg.serve.serve_id, engine=cfg.serve.engine, engine_args=args, **common
+        "serve.yaml.j2", serve_id=cfg.serve.serve_id, engine=cfg.serve.engine, engine_args=yaml_args, **common
     )
-    _check_yaml(serve, "serve config", {(0, "engine_args"): args, (0, "serve_id"): cfg.serve.serve_id})
+    _check_yaml(serve, "serve config", {(0, "engine_args"): yaml_args, (0, "serve_id"): cfg.serve.serve_id})
     hostfile = render_template("hostfile.txt.j2", nodes=[n.hostfile_line() for n in cfg.nodes])
     exports = list(serve_env(cfg).items())
     argv = ["vllm", "serve", args["model"], *vllm_args(args)]
+    multinode = len(cfg.nodes) > 1
+    if multinode and "distributed_executor_backend" not in args:
+        argv += ["--distributed-executor-backend", "ray"]
     script = render_template(
-        "vllm_serve.sh.j2", exports=exports, before_start=list(cfg.serve.before_start), argv=argv, **common
+        "vllm_serve.sh.j2",
+        exports=exports,
+        secret_exports=list(secrets.items()),
+        before_start=list(cfg.serve.before_start),
+        argv=argv,
+        multinode=multinode,
+        env_keys=[k for k, _ in exports] + list(secrets),
+        container=cfg.serve.container_name,
+        ray_port=RAY_PORT,
+        ray_resource="--num-cpus" if chip.accelerator.value == "cpu" else "--num-gpus",
+        ssh_port=22,
+        **common,
     )
     return {
         f"config_{slug}.yaml": experiment,

@@ -1,7 +1,18 @@
-"""lm-eval's per-sample logs (``--log_samples``): the format the eval stage writes and the gate reads.
+"""What the eval stage writes and the gate reads: lm-eval's per-sample logs, and published scores.
 
 :func:`read_benchmark` turns a folder of ``samples_<task>_<date>.jsonl`` files (and
 ``results_*.json`` for task groups) into per-item sample scores with prompt hashes.
+:func:`load_reference_scores` reads a reference given only as published numbers
+(``eval.reference.mode: scores``): a YAML file of task -> score in percent, with the
+number of items where it is known::
+
+    label: DeepSeek-R1-H100-CUDA        # optional: the column's name in the card
+    chip: nvidia-h100                   # optional
+    source: https://...                 # optional: where the numbers come from
+    scores:
+      gsm8k: {score: 95.75, n: 1319}
+      ceval-valid: 89.00                # n unknown
+
 Pure Python; importing this module never imports lm-eval.
 """
 
@@ -9,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -18,6 +30,8 @@ from typing import Any
 __all__ = [
     "BenchmarkSamples",
     "ItemSamples",
+    "PublishedScore",
+    "ReferenceScores",
     "SampleRecord",
     "SamplesError",
     "benchmark_of",
@@ -26,6 +40,7 @@ __all__ = [
     "group_parents",
     "iter_per_sample",
     "leaves_of",
+    "load_reference_scores",
     "prompt_hashes",
     "read_benchmark",
     "read_samples_file",
@@ -341,3 +356,80 @@ def iter_per_sample(path: Path) -> Iterator[dict[str, Any]]:
         for line in fh:
             if line.strip():
                 yield json.loads(line)
+
+
+# --------------------------------------------------------------------------------------
+# Published reference scores (no per-sample logs)
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PublishedScore:
+    """One benchmark's published score.
+
+    Attributes:
+        score: percent (0-100).
+        n: items it was computed on, None when unknown.
+        samples_per_item: samples per item, None when unknown.
+    """
+
+    score: float
+    n: int | None = None
+    samples_per_item: int | None = None
+
+
+@dataclass(frozen=True)
+class ReferenceScores:
+    """A reference given as published numbers (``eval.reference.mode: scores``)."""
+
+    path: Path
+    scores: dict[str, PublishedScore]
+    label: str | None = None
+    chip: str | None = None
+    source: str | None = None
+
+
+def _published(task: str, value: Any, path: Path) -> PublishedScore:
+    where = f"{path}: scores.{task}"
+    entry = value if isinstance(value, dict) else {"score": value}
+    unknown = sorted(set(entry) - {"score", "n", "samples_per_item"})
+    if unknown:
+        raise SamplesError(f"{where}: unknown key(s) {unknown}; valid: score, n, samples_per_item")
+    score = entry.get("score")
+    if isinstance(score, bool) or not isinstance(score, int | float) or not math.isfinite(score):
+        raise SamplesError(f"{where}: score must be a number in percent, got {score!r}")
+    if not 0 <= score <= 100:
+        raise SamplesError(f"{where}: score {score} is not a percentage in [0, 100]")
+    counts: dict[str, int | None] = {}
+    for key in ("n", "samples_per_item"):
+        v = entry.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise SamplesError(f"{where}: {key} must be a positive integer, got {v!r}")
+        counts[key] = v
+    return PublishedScore(float(score), counts["n"], counts["samples_per_item"])
+
+
+def load_reference_scores(path: Path) -> ReferenceScores:
+    """Read a published-scores file (format in the module docstring).
+
+    Raises:
+        SamplesError: the file is missing, not YAML, or a score is not a percentage; the
+            message names the file and the entry.
+    """
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise SamplesError(
+            f"reference scores file {path} cannot be read ({err}); point eval.reference.scores at it"
+        ) from err
+    except yaml.YAMLError as err:
+        raise SamplesError(f"reference scores file {path} is not YAML: {err}") from err
+    if not isinstance(data, dict) or not isinstance(data.get("scores"), dict) or not data["scores"]:
+        raise SamplesError(f"{path}: expected a mapping with 'scores: {{task: score, ...}}' (percent)")
+    unknown = sorted(set(data) - {"scores", "label", "chip", "source"})
+    if unknown:
+        raise SamplesError(f"{path}: unknown key(s) {unknown}; valid: scores, label, chip, source")
+    scores = {str(task): _published(str(task), value, path) for task, value in data["scores"].items()}
+    text = {k: (str(data[k]) if data.get(k) is not None else None) for k in ("label", "chip", "source")}
+    return ReferenceScores(path=path, scores=scores, label=text["label"], chip=text["chip"], source=text["source"])

@@ -7,16 +7,21 @@ that failed.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
+from prefect.futures import PrefectFuture
 
+from flagrelease._lease import release_lock
 from flagrelease.config import load_release
 from flagrelease.constants import REPO_ROOT, release_configs_dir
 from flagrelease.errors import ConfigError
-from flagrelease.pipeline import STAGES, StageResult
+from flagrelease.layout import BundleLayout
+from flagrelease.matrix import PAIR_SEPARATOR, load_matrix, matrix_files, split_pair_reference
+from flagrelease.pipeline import STAGE_INPUTS, STAGES, StageResult
 from flagrelease.roles import release_for_role
 from tasks import STAGE_TASKS
 from tasks.reference import reference
@@ -27,16 +32,28 @@ DEMO_CONFIG = "demo-tiny-cpu"
 
 
 def resolve_config(config: str) -> Path:
-    """Resolve a release name (``deepseek-r1-iluvatar``) or a path to a config file.
+    """Resolve a release name (``deepseek-r1-iluvatar``, or a matrix pair's) or a path to a config file.
+
+    A pair of a matrix resolves to ``<matrix file>#<chip>``, which
+    :func:`flagrelease.config.load_release` loads.
 
     Raises:
         ConfigError: nothing matches; the message lists the known releases.
     """
+    pair = split_pair_reference(config)
     candidates = [Path(config), REPO_ROOT / config, release_configs_dir() / f"{config}.yaml"]
+    if pair is not None:
+        candidates = [pair[0], REPO_ROOT / pair[0]]
     for path in candidates:
         if path.suffix in (".yaml", ".yml") and path.is_file():
-            return path.resolve()
-    known = sorted(p.stem for p in release_configs_dir().glob("*.yaml"))
+            return Path(f"{path.resolve()}{PAIR_SEPARATOR}{pair[1]}") if pair else path.resolve()
+    pairs = {}
+    for file in matrix_files(release_configs_dir()):
+        with contextlib.suppress(ConfigError):
+            pairs.update({p.name: Path(p.reference) for p in load_matrix(file).pairs})
+    if config in pairs:
+        return pairs[config]
+    known = sorted({p.stem for p in release_configs_dir().glob("*.yaml")} | set(pairs))
     raise ConfigError(f"no release config {config!r}; known releases: {', '.join(known)}")
 
 
@@ -84,17 +101,47 @@ def flagrelease(
         raise ConfigError(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(STAGES)}")
     logger.info("release %s: %s on %s, stages %s", cfg.name, cfg.model.repo_id, cfg.chip, ", ".join(wanted))
     results: dict[str, dict[str, Any]] = {}
-    for stage in wanted:
-        if stage == "eval" and cfg is release and release.remote_reference and not dry_run:
-            results["reference"] = reference(str(path), force=force)
-        results[stage] = STAGE_TASKS[stage](
-            str(path), {k: v for k, v in results.items() if k in STAGES}, dry_run=dry_run, force=force, options=options
-        )
+    # One run of a release at a time: a second one refuses at once, naming this one.
+    root = BundleLayout.for_release(cfg).root
+    with contextlib.nullcontext() if dry_run else release_lock(root, release=cfg.name):
+        remote = "eval" in wanted and cfg is release and release.remote_reference and not dry_run
+        results = _run_stages(str(path), wanted, remote_reference=remote, dry_run=dry_run, force=force, options=options)
     create_markdown_artifact(
         _summary_markdown(cfg.name, results),
         key=f"release-{cfg.name}".replace(".", "-").replace("_", "-"),
         description=f"{cfg.name}: release summary",
     )
+    return results
+
+
+def _run_stages(
+    config: str,
+    wanted: list[str],
+    *,
+    remote_reference: bool,
+    dry_run: bool,
+    force: bool,
+    options: dict[str, Any],
+) -> dict[str, dict[str, Any]]:
+    """Start each stage as soon as the stages it needs are done, and wait for all of them.
+
+    The image needs only the fetch (``STAGE_INPUTS``), so it runs beside the convert; a
+    live reference on another chip is started first, on its own pool, and the eval waits
+    for it.  The first stage (in pipeline order) that failed raises, as in a sequential run.
+    """
+    futures: dict[str, PrefectFuture[dict[str, Any]]] = {}
+    ref = reference.submit(config, force=force) if remote_reference else None
+    for stage in wanted:
+        needs = {s: futures[s] for s in STAGE_INPUTS[stage] if s in futures}
+        wait = [ref] if stage == "eval" and ref is not None else []
+        futures[stage] = STAGE_TASKS[stage].submit(
+            config, needs, dry_run=dry_run, force=force, options=options, wait_for=wait
+        )
+    results: dict[str, dict[str, Any]] = {}
+    for stage in wanted:
+        if stage == "eval" and ref is not None:
+            results["reference"] = ref.result()
+        results[stage] = futures[stage].result()
     return results
 
 

@@ -5,33 +5,34 @@ runs the library's ``run_stage`` through :func:`flagrelease.pipeline.execute_sta
 publishes what it did as Prefect artifacts (a Markdown summary, one table per result
 table, a progress bar).  Caching is by content: the key is the stage's fingerprint
 (config sections, upstream fingerprints, code), so a re-run with nothing changed does
-no stage work and a failed run resumes at the stage that failed.
+no stage work and a failed run resumes at the stage that failed.  A reused stage still
+runs its task, which says in its artifacts that this run reused it.  A stage that
+serves the model holds its nodes' concurrency slots while it runs (:mod:`tasks._limits`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
 from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from prefect import Task, get_run_logger, task
+from prefect import Task, task
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
-from prefect.context import TaskRunContext
 from prefect.states import State
 
 from flagrelease._redact import RedactingFilter, redact, redact_obj
 from flagrelease.config import load_release
-from flagrelease.errors import ConfigError, PublishBlockedError
 from flagrelease.pipeline import (
     ReleaseContext,
     StageResult,
@@ -39,6 +40,8 @@ from flagrelease.pipeline import (
     load_stage_result,
     stage_fingerprint,
 )
+from flagrelease.retry import classify
+from tasks._limits import hold_accelerators
 
 __all__ = ["build_context", "stage_task"]
 
@@ -59,29 +62,21 @@ def build_context(
     return ctx
 
 
-def _cache_key(stage: str):  # type: ignore[no-untyped-def]
-    def key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
-        if parameters.get("dry_run") or parameters.get("force"):
-            return None
-        ctx = build_context(
-            parameters["config"], parameters.get("upstream") or {}, dry_run=False, options=parameters.get("options")
-        )
-        fingerprint = stage_fingerprint(ctx, stage)
-        saved = load_stage_result(ctx.layout, stage)
-        # Only trust the cache while the stage's output is still on disk.
-        if saved is None or saved.fingerprint != fingerprint:
-            return None
-        return f"flagrelease-{ctx.config.name}-{stage}-{fingerprint}"
-
-    return key
+def _reusable(ctx: ReleaseContext, stage: str, *, force: bool) -> StageResult | None:
+    """The saved result ``execute_stage`` will reuse (same fingerprint, output still on disk), else None."""
+    if force or ctx.dry_run:
+        return None
+    saved = load_stage_result(ctx.layout, stage)
+    return saved if saved is not None and saved.fingerprint == stage_fingerprint(ctx, stage) else None
 
 
 class _Progress:
-    """Feeds the library's progress callback into a Prefect progress artifact."""
+    """Feeds the library's progress callback into a Prefect progress artifact (made at the first report)."""
 
     def __init__(self, release: str, stage: str) -> None:
         self.key = _artifact_key(release, stage, "progress")
-        self.artifact_id = create_progress_artifact(0.0, key=self.key, description=f"{release}: {stage}")
+        self.description = f"{release}: {stage}"
+        self.artifact_id: Any = None
         self.last = 0.0
 
     def __call__(self, stage: str, fraction: float, message: str = "") -> None:
@@ -89,14 +84,28 @@ class _Progress:
         if fraction < 1.0 and now - self.last < 2.0:
             return
         self.last = now
-        update_progress_artifact(
-            self.artifact_id, min(max(fraction, 0.0), 1.0) * 100.0, description=redact(message) or None
-        )
+        value = min(max(fraction, 0.0), 1.0) * 100.0
+        if self.artifact_id is None:
+            self.artifact_id = create_progress_artifact(value, key=self.key, description=self.description)
+            if not message:
+                return
+        update_progress_artifact(self.artifact_id, value, description=redact(message) or None)
 
 
-def _publish_artifacts(ctx: ReleaseContext, result: StageResult) -> None:
+def _reused_note(result: StageResult) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(result.finished_at)) if result.finished_at else "?"
+    return (
+        f"**Reused**: nothing this stage depends on changed since its run of {when}, so this run did no "
+        f"{result.stage} work{' and uploaded nothing' if result.stage == 'publish' else ''}. That run:"
+    )
+
+
+def _publish_artifacts(ctx: ReleaseContext, result: StageResult, *, reused: bool = False) -> None:
     name, stage = ctx.config.name, result.stage
-    lines = [f"## {stage}: {result.status}", "", redact(result.summary), ""]
+    status = f"{result.status} (reused)" if reused else result.status
+    lines = [f"## {stage}: {status}", ""]
+    lines += [_reused_note(result), ""] if reused else []
+    lines += [redact(result.summary), ""]
     for key, value in redact_obj(result.outputs).items():
         if isinstance(value, str | int | float | bool) or value is None:
             lines.append(f"- **{key}**: `{value}`")
@@ -117,13 +126,16 @@ def _redact_prefect_logs() -> None:
                 handler.addFilter(RedactingFilter())
 
 
-#: Failures a retry cannot mend: a bad config, or a release its gate refused.
-_DETERMINISTIC = (ConfigError, PublishBlockedError)
-
-
 def _retry_unless_deterministic(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
-    """Prefect retry condition: retry transient failures, never a deterministic refusal."""
-    return not isinstance(state.data, _DETERMINISTIC)
+    """Prefect retry condition: retry what a retry can fix (:func:`flagrelease.retry.classify`), nothing else."""
+    err = state.data
+    if not isinstance(err, BaseException):
+        return True  # no exception to judge (a crash of the task's process): worth another attempt
+    verdict, why = classify(err)
+    logging.getLogger("flagrelease.retry").info(
+        "%s failed: %s (%s): %s", task.name, type(err).__name__, why, "retrying" if verdict == "transient" else "final"
+    )
+    return verdict == "transient"
 
 
 def stage_task(
@@ -158,15 +170,17 @@ def stage_task(
         options: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         _redact_prefect_logs()
-        logger = get_run_logger()
         ctx = build_context(config, upstream, dry_run=dry_run, options=options)
         ctx.progress = _Progress(ctx.config.name, stage)
-        if prepare is not None:
+        reused = _reusable(ctx, stage, force=force) is not None
+        if prepare is not None and not reused:
             prepare(ctx)
-        result = execute_stage(ctx, stage, force=force)
-        ctx.progress(stage, 1.0, result.summary)
-        _publish_artifacts(ctx, result)
-        logger.info("%s: %s", stage, redact(result.summary))
+        # A stage that serves the model holds its nodes' accelerators (flagrelease.limits).
+        with contextlib.nullcontext() if reused or ctx.dry_run else hold_accelerators(ctx.config, stage):
+            result = execute_stage(ctx, stage, force=force)
+        ctx.progress(stage, 1.0, "reused" if reused else result.summary)
+        _publish_artifacts(ctx, result, reused=reused)
+        # The summary is logged once, by execute_stage (the flagrelease logger reaches the run page).
         return result.to_json()
 
     run.__name__ = f"{stage}_stage"
@@ -177,8 +191,9 @@ def stage_task(
         retry_delay_seconds=retry_delay_seconds,
         retry_condition_fn=_retry_unless_deterministic,
         timeout_seconds=timeout_seconds,
-        cache_key_fn=_cache_key(stage),
-        cache_expiration=timedelta(days=30),
+        # The stage's own fingerprint decides reuse (execute_stage), so that a reused stage
+        # still runs its task and says so in its artifacts; Prefect's cache would skip both.
+        cache_policy=NO_CACHE,
         persist_result=True,
         task_run_name=f"{stage}",
     )

@@ -101,6 +101,7 @@ def build_release(
     triton_share: float | None = None,
     skip: tuple[str, ...] = (),
     image: dict[str, Any] | None = None,
+    deploy: dict[str, Any] | None = None,
 ) -> ReleaseContext:
     """A demo release below ``root`` with fetch .. gate done and saved.
 
@@ -114,6 +115,7 @@ def build_release(
         triton_share: the Triton kernel share the deploy stage measured, if any.
         skip: stages recorded as skipped.
         image: overrides of the image stage's outputs (e.g. a pushed ``image_ref`` and ``digest``).
+        deploy: overrides of the deploy stage's outputs (e.g. ``gems_library``, ``executed``).
     """
     data = yaml.safe_load(DEMO.read_text())
     data["model"]["path"] = str(root / "model")
@@ -228,6 +230,7 @@ def build_release(
             "load_test": {"rows": [{"concurrency": 1, "output_tokens_per_s": 50.0}]},
             "logs": [str(log)],
             **({"triton_share": triton_share} if triton_share is not None else {}),
+            **(deploy or {}),
         },
         "eval": {
             "variants": {

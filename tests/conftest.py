@@ -6,6 +6,7 @@ server once per session on loopback and stops it when the session ends.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,9 +21,27 @@ pytest_plugins = [
 ]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One cache folder for the whole session, never the user's: the demo model is trained once.
+
+    Set in the environment, so that servers and subprocesses (the demo's run) share it too.
+    """
+    import os
+
+    cache = tmp_path_factory.mktemp("flagrelease-cache")
+    before = os.environ.get("FLAGRELEASE_CACHE")
+    os.environ["FLAGRELEASE_CACHE"] = str(cache)
+    yield cache
+    if before is None:
+        os.environ.pop("FLAGRELEASE_CACHE", None)
+    else:
+        os.environ["FLAGRELEASE_CACHE"] = before
+
+
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Point flagrelease's state and caches at a per-test folder; never touch real state.
+    """Point flagrelease's state at a per-test folder (caches: one per session); never touch real state.
 
     The serving runtime (a large venv) is shared: it lives in FLAGRELEASE_RUNTIMES, which
     this fixture leaves alone when set, else points at the real default location.

@@ -211,7 +211,7 @@ def test_serve_env_layers_chip_then_config_then_flaggems() -> None:
 
 def test_serve_command_is_vllms_openai_server_argv() -> None:
     cfg = _config(
-        **{"serve.engine_args.enable_chunked_prefill": False, "serve.engine_args.allowed_origins": ["a", "b"]}
+        **{"serve.engine_args.enable_chunked_prefill": False, "serve.engine_args.ignore_patterns": ["a", "b"]}
     )
     argv = serve_command(cfg, model_path="/models/tiny", python="/venv/bin/python")
     assert argv[:5] == ["/venv/bin/python", "-m", "vllm.entrypoints.openai.api_server", "--model", "/models/tiny"]
@@ -219,16 +219,16 @@ def test_serve_command_is_vllms_openai_server_argv() -> None:
     assert argv[argv.index("--max-model-len") + 1] == "512"
     assert "--trust-remote-code" in argv and "--enforce-eager" in argv
     assert "--no-enable-chunked-prefill" in argv
-    assert argv[argv.index("--allowed-origins") + 1 : argv.index("--allowed-origins") + 3] == ["a", "b"]
+    assert argv[argv.index("--ignore-patterns") + 1 : argv.index("--ignore-patterns") + 3] == ["a", "b"]
     assert serve_command(cfg, model_path="/m")[0] == load_chip("cpu").python
     assert vllm_args({"model": "x", "a_b": None, "c": []}) == []
 
 
 def test_vllm_serve_sh_runs_the_same_command_through_bash(tmp_path: Path) -> None:
-    hostile = 'tiny\'; touch PWNED; echo "$(id)" `id` \\'
-    cfg = _config(**{"serve.engine_args.served_model_name": hostile, "serve.envs": {"QUOTED": "a'b\"c $HOME `id`"}})
+    hostile = '/models/with space/tiny\'; touch PWNED; echo "$(id)" `id` \\'
+    cfg = _config(**{"serve.envs": {"QUOTED": "a'b\"c $HOME `id`"}})
     out = tmp_path / "conf"
-    render_serve_configs(cfg, out_dir=out, model_path="/models/with space")
+    render_serve_configs(cfg, out_dir=out, model_path=hostile)
     # Record the argv and environment vllm would get: bash really runs the rendered script.
     bindir = tmp_path / "bin"
     bindir.mkdir()
@@ -250,9 +250,9 @@ def test_vllm_serve_sh_runs_the_same_command_through_bash(tmp_path: Path) -> Non
     )
     assert proc.returncode == 0, proc.stderr
     got = json.loads(proc.stdout)
-    args = engine_args(cfg, model_path="/models/with space")
-    assert got["argv"] == ["serve", "/models/with space", *vllm_args(args)]
-    assert got["argv"][got["argv"].index("--served-model-name") + 1] == hostile
+    args = engine_args(cfg, model_path=hostile)
+    assert got["argv"] == ["serve", hostile, *vllm_args(args)]
+    assert got["argv"][got["argv"].index("--served-model-name") + 1] == "tiny-qwen2-flagos"
     assert got["QUOTED"] == "a'b\"c $HOME `id`" and got["USE_FLAGGEMS"] == "true"
     assert not (tmp_path / "PWNED").exists()
 
@@ -264,15 +264,15 @@ def test_yaml_round_trips_awkward_strings(tmp_path: Path) -> None:
         **{
             "serve.before_start": tricky,
             "serve.envs": {"X": "no", "Y": "1.0", "Z": "007", "N": "12"},
-            "serve.engine_args.served_model_name": "name: with # colon",
+            "serve.engine_args.served_model_name": "on",
         }
     )
-    render_serve_configs(cfg, out_dir=tmp_path, model_path="/m: x")
+    render_serve_configs(cfg, out_dir=tmp_path, model_path="/m: x # y")
     exp = yaml.safe_load((tmp_path / "config_tiny_qwen2.yaml").read_text())["experiment"]
     assert exp["cmds"]["before_start"] == " && ".join([*tricky, "export USE_FLAGGEMS=true"])
     assert exp["envs"] == {"X": "no", "Y": "1.0", "Z": "007", "N": 12}
     args = yaml.safe_load((tmp_path / "serve/tiny_qwen2.yaml").read_text())[0]["engine_args"]
-    assert args["model"] == "/m: x" and args["served_model_name"] == "name: with # colon"
+    assert args["model"] == "/m: x # y" and args["served_model_name"] == "on"
 
 
 @pytest.mark.parametrize(
@@ -311,16 +311,16 @@ def test_hostile_values_are_rejected(changes: dict[str, Any], field: str, tmp_pa
 def test_hostile_values_that_are_allowed_are_quoted() -> None:
     cfg = _config(
         **{
-            "description": 'Tiny "model" with $HOME, `id`, \\ and\nnewline',
+            "description": 'Tiny "model" with $HOME, `id`, \\ and  spaces',
             "serve.envs": {"WEIRD": "a\"b $PATH ${X:-y} \\n `id` 'q'"},
-            "serve.engine_args.served_model_name": 'x" && id; echo "',
+            "serve.model_dir": '/models/x" && id; echo "',
         }
     )
     text = render_dockerfile(cfg, commit=COMMIT)
     assert r'WEIRD="a\"b \$PATH \${X:-y} \\n `id` ' + "'q'\"" in text
-    assert r'"org.opencontainers.image.description"="Tiny \"model\" with \$HOME, `id`, \\ and newline"' in text
+    assert r'"org.opencontainers.image.description"="Tiny \"model\" with \$HOME, `id`, \\ and spaces"' in text
     cmd = next(line for line in text.splitlines() if line.startswith("CMD "))
-    assert json.loads(cmd[4:])[json.loads(cmd[4:]).index("--served-model-name") + 1] == 'x" && id; echo "'
+    assert json.loads(cmd[4:])[json.loads(cmd[4:]).index("--model") + 1] == '/models/x" && id; echo "'
     for line in text.splitlines():
         if line.startswith(("RUN ", "CMD ", "COPY ")):
             json.loads(line.split(" ", 1)[1])  # every command is exec form
@@ -427,8 +427,6 @@ def test_cli_render(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     listed = [Path(p) for p in proc.stdout.split()]
     assert tmp_path / "out" / "config_deepseek_r1.yaml" in listed and tmp_path / "out" / "Dockerfile" in listed
-    assert shlex.split((tmp_path / "out" / "vllm_serve.sh").read_text().rsplit("exec ", 1)[1])[:3] == [
-        "vllm",
-        "serve",
-        "/data1/models/DeepSeek-R1-INT8",
-    ]
+    # Two nodes: vLLM runs on the Ray head, through node_line (the release's environment, its container).
+    last = (tmp_path / "out" / "vllm_serve.sh").read_text().rsplit('exec bash -c "$(node_line "$HEAD" \\\n', 1)[1]
+    assert shlex.split(last.replace(')"', ""))[:3] == ["vllm", "serve", "/data1/models/DeepSeek-R1-INT8"]

@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 
 from flagrelease import runtime
-from flagrelease.errors import RuntimeSetupError
+from flagrelease.constants import REPO_ROOT
+from flagrelease.errors import BusyError, RuntimeSetupError
 
-TINY = {"name": "tiny-rt", "requirements": ["six"], "remove": ["six"], "check": "import flagrelease; print('ok')"}
+TINY = {"name": "tiny-rt", "requirements": ["six"], "remove": ["six"], "check": "print('ok')"}
 
 
 def test_runtime_is_reused_and_serves_vllm_with_the_plugin(serve_python: Path) -> None:
@@ -34,13 +35,15 @@ def test_runtime_is_reused_and_serves_vllm_with_the_plugin(serve_python: Path) -
         "torchaudio",
         "torchcodec",
     ]
+    # What makes a runtime complete names no checkout: every checkout shares it.
+    assert str(REPO_ROOT) not in json.dumps(runtime._wanted_stamp("cpu"))
     code = (
         "import importlib.metadata as m, importlib.util as u, vllm, torch\n"
         "print(vllm.__version__, torch.__version__, u.find_spec('torchvision') is None)\n"
     )
     out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=True, timeout=300).stdout
     assert out.split() == ["0.32.0", "2.13.0+cpu", "True"]
-    assert runtime.has_plugin(python) and runtime.plugin_pythonpath(python) == []
+    assert runtime.has_plugin(python)  # this checkout's plugin, whichever checkout installed the runtime
 
 
 def test_cli_runtime_install_prints_the_python(serve_python: Path) -> None:
@@ -62,7 +65,7 @@ def test_install_is_redone_after_an_interruption_and_reused_after(
     assert python == root / "bin" / "python" and not (root / "half-written").exists()
     stamp = root / ".flagrelease-runtime.json"
     assert json.loads(stamp.read_text())["requirements"] == ["six"]
-    assert runtime.has_plugin(python)  # flagrelease installed editable: vLLM would see the plugin
+    assert runtime.has_plugin(python)  # through this checkout's plugin folder: vLLM would see the plugin
     assert subprocess.run([str(python), "-c", "import six"], capture_output=True, check=False).returncode != 0
     first = stamp.stat().st_mtime_ns
     assert runtime.ensure_runtime("tiny") == python and stamp.stat().st_mtime_ns == first
@@ -114,9 +117,13 @@ def test_plugin_pythonpath_adds_the_entry_point_to_a_foreign_python(
     monkeypatch.setenv("FLAGRELEASE_RUNTIMES", str(tmp_path / "runtimes"))
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "venv")], check=True, timeout=120)
     python = tmp_path / "venv" / "bin" / "python"
-    assert not runtime.has_plugin(python)
+    bare = subprocess.run(
+        [str(python), "-c", "import flagrelease"], cwd=tmp_path, capture_output=True, timeout=60, check=False
+    )
+    assert bare.returncode != 0  # a foreign python: no flagrelease, no entry point
     extra = runtime.plugin_pythonpath(python)
-    assert extra == [str(tmp_path / "runtimes" / "plugin-shim")]
+    assert len(extra) == 1 and Path(extra[0]).parent == tmp_path / "runtimes"
+    assert Path(extra[0]).name.startswith("plugin-shim-")  # one per checkout
     code = (
         "import importlib.metadata as m\n"
         "eps = [e for e in m.entry_points(group='vllm.general_plugins') if e.name == 'flagrelease_gems']\n"
@@ -127,3 +134,29 @@ def test_plugin_pythonpath_adds_the_entry_point_to_a_foreign_python(
     )
     assert out.stdout.strip() == "flagrelease.gems.vllm_plugin"
     assert runtime.plugin_pythonpath(python) == extra  # idempotent
+    assert runtime.has_plugin(python)  # with that folder, this checkout's plugin loads
+
+
+def test_a_runtime_in_use_is_never_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server holds its runtime shared; a reinstall needs it alone and refuses, naming why."""
+    monkeypatch.setenv("FLAGRELEASE_RUNTIMES", str(tmp_path / "runtimes"))
+    monkeypatch.setitem(runtime.RUNTIMES, "tiny", TINY)
+    python = runtime.ensure_runtime("tiny")
+    code = (
+        "import sys, time\nfrom pathlib import Path\nfrom flagrelease import runtime\n"
+        "with runtime.runtime_in_use(Path(sys.argv[1])):\n    print('serving', flush=True)\n    time.sleep(120)\n"
+    )
+    server = subprocess.Popen([sys.executable, "-c", code, str(python)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "serving"
+        with pytest.raises(BusyError, match="cannot be removed while a server runs from it"):
+            runtime.ensure_runtime("tiny", reinstall=True)
+        assert python.exists()  # untouched
+        assert runtime.ensure_runtime("tiny") == python  # reuse needs no exclusive hold
+    finally:
+        server.kill()
+        server.wait()
+    stamp = runtime.runtime_dir("tiny") / ".flagrelease-runtime.json"
+    first = stamp.stat().st_mtime_ns
+    runtime.ensure_runtime("tiny", reinstall=True)  # nobody serves from it any more
+    assert stamp.stat().st_mtime_ns != first

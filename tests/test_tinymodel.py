@@ -35,10 +35,26 @@ def _digests(folder: Path) -> dict[str, str]:
 
 def test_same_call_gives_byte_identical_files(tmp_path: Path) -> None:
     one = generate_tiny_model(tmp_path / "one", seed=3, steps=5)
-    two = generate_tiny_model(tmp_path / "two", seed=3, steps=5)
+    two = generate_tiny_model(tmp_path / "two", seed=3, steps=5, force=True)  # trained again, not copied
     assert _digests(one) == _digests(two)
     other = generate_tiny_model(tmp_path / "other", seed=4, steps=5)
     assert _digests(other)["model.safetensors"] != _digests(one)["model.safetensors"]
+
+
+def test_a_second_folder_copies_the_model_from_the_user_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLAGRELEASE_CACHE", str(tmp_path / "cache"))
+    one = generate_tiny_model(tmp_path / "one", seed=5, steps=3)
+    cached = list((tmp_path / "cache" / "tiny-models").iterdir())
+    assert len(cached) == 1 and _digests(cached[0]) == _digests(one)
+
+    def no_training(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the cached model was trained again")
+
+    monkeypatch.setattr("flagrelease.tinymodel._generate.train_model", no_training)
+    two = generate_tiny_model(tmp_path / "two", seed=5, steps=3)
+    assert _digests(two) == _digests(one)
+    with pytest.raises(AssertionError, match="trained again"):
+        generate_tiny_model(tmp_path / "three", seed=5, steps=3, force=True)
 
 
 def test_existing_model_is_reused_unless_forced(tmp_path: Path) -> None:

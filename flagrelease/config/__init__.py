@@ -9,8 +9,23 @@ cross-section rules) and ``_load`` (files).
 
 from __future__ import annotations
 
-from flagrelease.config._base import ConvertMode, ModelSource, RuntimeKind
-from flagrelease.config._eval import EvalSection, EvalTask, GatesSection, GenerationSettings, ReferenceSection
+from flagrelease.config._base import ConvertMode, ModelSource, RuntimeKind, SecretRef
+from flagrelease.config._engine_check import (
+    VllmArgs,
+    engine_arg_problems,
+    record_vllm_args,
+    recorded_vllm_versions,
+    vllm_args_for_chip,
+)
+from flagrelease.config._eval import (
+    EvalSection,
+    EvalTask,
+    GatesSection,
+    GenerationSettings,
+    ProbeSettings,
+    ReferenceSection,
+    ThroughputGate,
+)
 from flagrelease.config._load import load_release, parse_release, validate_files
 from flagrelease.config._model import ConvertSection, ImageSection, ModelSection
 from flagrelease.config._publish import PublishSection, S3Target
@@ -31,13 +46,21 @@ __all__ = [
     "ModelSection",
     "ModelSource",
     "Node",
+    "ProbeSettings",
     "PublishSection",
     "ReferenceSection",
     "ReleaseConfig",
     "RuntimeKind",
     "S3Target",
+    "SecretRef",
     "ServeSection",
+    "ThroughputGate",
+    "VllmArgs",
+    "engine_arg_problems",
     "load_release",
     "parse_release",
+    "record_vllm_args",
+    "recorded_vllm_versions",
     "validate_files",
+    "vllm_args_for_chip",
 ]

@@ -9,10 +9,12 @@ from pydantic import (
     field_validator,
 )
 
+from flagrelease._oci import parse_registry
 from flagrelease.config._base import (
-    _REPO_ID,
     _Strict,
 )
+from flagrelease.config._grammar import check_bucket, check_repo_id, check_s3_prefix, check_url
+from flagrelease.errors import ConfigError
 
 __all__ = ["PublishSection", "S3Target"]
 
@@ -28,16 +30,23 @@ class S3Target(_Strict):
     @field_validator("bucket")
     @classmethod
     def _bucket(cls, value: str) -> str:
-        if not re.match(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", value):
-            raise ValueError(f"bucket {value!r} is not a valid S3 bucket name")
-        return value
+        return check_bucket(value)
 
     @field_validator("prefix")
     @classmethod
     def _prefix(cls, value: str) -> str:
-        value = value.strip("/")
-        if ".." in value.split("/") or any(c in value for c in "\n\x00\\"):
-            raise ValueError(f"prefix {value!r} must be a plain key prefix")
+        return check_s3_prefix(value)
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        return None if value is None else check_url(value, what="endpoint_url")
+
+    @field_validator("region")
+    @classmethod
+    def _region(cls, value: str) -> str:
+        if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,31}", value):
+            raise ValueError(f"region {value!r} must be lowercase letters, digits and '-', e.g. us-east-1")
         return value
 
 
@@ -54,6 +63,14 @@ class PublishSection(_Strict):
     @field_validator("hf_repo", "modelscope_repo")
     @classmethod
     def _repo(cls, value: str | None) -> str | None:
-        if value is not None and (not _REPO_ID.match(value) or ".." in value):
-            raise ValueError(f"{value!r} is not a repo id of the form 'owner/name'")
+        return None if value is None else check_repo_id(value)
+
+    @field_validator("registry")
+    @classmethod
+    def _registry(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                parse_registry(value, what="publish.registry")
+            except ConfigError as err:
+                raise ValueError(err.message) from None
         return value

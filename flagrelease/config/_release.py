@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from pydantic import (
@@ -22,6 +23,7 @@ from flagrelease.config._eval import (
     EvalSection,
     GatesSection,
 )
+from flagrelease.config._grammar import check_cron, check_free_text
 from flagrelease.config._model import (
     ConvertSection,
     ImageSection,
@@ -60,6 +62,26 @@ class ReleaseConfig(_Strict):
     def _name(cls, value: str) -> str:
         if not _SLUG.match(value):
             raise ValueError(f"{value!r} must be lowercase letters, digits, '.', '_' and '-'")
+        return value
+
+    @field_validator("description")
+    @classmethod
+    def _description(cls, value: str) -> str:
+        return check_free_text(value, what="description", max_len=2048)
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, value: str | None) -> str | None:
+        return None if value is None else check_cron(value)
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, value: list[str]) -> list[str]:
+        for tag in value:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,63}", tag):
+                raise ValueError(f"tag {tag!r} must be letters, digits and '.', '_', ':', '+', '-' (64 at most)")
+        if len(value) > 64:
+            raise ValueError(f"{len(value)} tags; 64 at most")
         return value
 
     @field_validator("chip")

@@ -14,7 +14,7 @@ import torch
 from flagrelease import __version__
 from flagrelease._atomic import atomic_write_json, replace_dir
 from flagrelease.config import ConvertMode
-from flagrelease.convert._plan import DEFAULT_IGNORE, INDEX_NAME, CheckpointPlan, build_plan
+from flagrelease.convert._plan import DEFAULT_IGNORE, INDEX_NAME, CheckpointPlan, build_plan, source_files
 from flagrelease.convert._stream import ProgressCallback, run_plan
 from flagrelease.convert.registry import TargetFormat, get_format
 from flagrelease.convert.report import ConvertReport, TensorReport
@@ -100,6 +100,7 @@ def convert_checkpoint(
     progress: ProgressCallback | None = None,
     overwrite: bool = False,
     direct_io: bool = True,
+    allow_non_finite: bool = False,
 ) -> ConvertReport:
     """Convert the safetensors checkpoint in ``src`` into ``dst``, tensor by tensor.
 
@@ -125,12 +126,15 @@ def convert_checkpoint(
         overwrite: replace ``dst`` even if it is not an earlier conversion.
         direct_io: read and write shards with ``O_DIRECT`` where the file system allows it
             (it falls back by itself); False forces the page cache.
+        allow_non_finite: convert tensors holding NaN or Inf (``convert.allow_non_finite``);
+            by default such a tensor stops the conversion with an error naming it.
 
     Returns:
         The :class:`ConvertReport`, with per-tensor error.
 
     Raises:
-        ConvertError: bad format, device or checkpoint, or ``dst`` is in the way.
+        ConvertError: bad format, device or checkpoint (damaged headers, NaN or Inf values,
+            symbolic links leaving ``src``), or ``dst`` is in the way.
     """
     src, dst = Path(src).resolve(), Path(dst).resolve()
     fmt = get_format(to)
@@ -166,6 +170,7 @@ def convert_checkpoint(
         device=dev,
         progress=progress,
         direct_io=direct_io,
+        allow_non_finite=allow_non_finite,
     )
     _write_index(plan, out_dir)
     _write_config(plan, out_dir)
@@ -258,13 +263,9 @@ def _write_config(plan: CheckpointPlan, out_dir: Path) -> None:
 
 
 def _copy_other_files(src: Path, out_dir: Path, plan: CheckpointPlan) -> None:
-    """Tokenizer, generation config, code...: every other file, links resolved."""
-    for path in sorted(src.rglob("*")):
+    """Tokenizer, generation config, code...: every other file, links (inside ``src``) resolved."""
+    for path in source_files(src):
         rel = path.relative_to(src)
-        if any(part.startswith(".") for part in rel.parts):
-            continue
-        if path.is_dir() or not path.exists():
-            continue
         if rel.name in (INDEX_NAME, "config.json") and len(rel.parts) == 1:
             continue
         if rel.name.endswith(_SKIP_SUFFIXES):

@@ -7,9 +7,11 @@ before the converter creates anything.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,6 +32,7 @@ __all__ = [
     "SrcTensor",
     "build_plan",
     "ignore_matches",
+    "source_files",
 ]
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -202,28 +205,81 @@ def _fail(msg: str) -> ConvertError:
     return ConvertError(msg)
 
 
-def _weight_files(src: Path) -> tuple[list[Path], dict[str, str] | None]:
+def source_files(src: Path) -> list[Path]:
+    """Every visible file of the checkpoint folder ``src``, sorted; links inside ``src`` are allowed.
+
+    Hidden files and folders are left out.  The folder is walked without following links
+    to folders.
+
+    Raises:
+        ConvertError: a symbolic link points outside ``src``, to nothing, or in a loop; a
+            folder cannot be read.
+    """
+    root = Path(src).resolve()
+    found: list[Path] = []
+
+    def refuse(path: Path, why: str) -> ConvertError:
+        return _fail(
+            f"{path} {why}; the checkpoint folder must hold its own files: copy it into a plain folder "
+            f"(cp -rL SRC NEW) and convert that"
+        )
+
+    def walk_error(err: OSError) -> None:
+        raise refuse(Path(err.filename or root), f"cannot be read ({err.strerror or err})") from err
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=walk_error):
+        here = Path(dirpath)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in [*dirnames, *sorted(filenames)]:
+            full = here / name
+            if name.startswith(".") or not full.is_symlink():
+                if name in filenames and not name.startswith("."):
+                    found.append(full)
+                continue
+            try:
+                real = full.resolve(strict=True)
+            except RuntimeError as err:  # Python < 3.13 reports a link loop this way
+                raise refuse(full, "is a symbolic link loop") from err
+            except OSError as err:
+                raise refuse(
+                    full, "is a symbolic link loop" if err.errno == errno.ELOOP else "points to nothing"
+                ) from err
+            if not real.is_relative_to(root):
+                raise refuse(full, f"links to {real}, outside {root}")
+            if name in filenames and real.is_file():
+                found.append(full)
+    return sorted(found)
+
+
+def _weight_files(src: Path, listing: list[Path]) -> tuple[list[Path], dict[str, str] | None]:
+    top = {p.name: p for p in listing if p.parent == src}
     index = src / INDEX_NAME
-    if index.is_file():
+    if INDEX_NAME in top:
         try:
             data = json.loads(index.read_text(encoding="utf-8"))
             weight_map = data["weight_map"]
             if not isinstance(weight_map, dict):
                 raise TypeError("weight_map is not an object")
-        except (OSError, ValueError, KeyError, TypeError) as err:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as err:
             raise _fail(f"{index}: not a valid safetensors index ({err}); re-fetch the checkpoint") from err
+        odd = [(k, v) for k, v in weight_map.items() if not isinstance(v, str) or not v]
+        if odd:
+            raise _fail(
+                f"{index}: weight_map maps {odd[0][0]!r} to {odd[0][1]!r}, not a shard file name "
+                f"({len(odd)} such entries); the index is damaged: re-fetch the checkpoint"
+            )
         names = sorted(set(weight_map.values()))
-        bad = [n for n in names if not isinstance(n, str) or Path(n).name != n]
+        bad = [n for n in names if Path(n).name != n or n in (".", "..")]
         if bad:
             raise _fail(f"{index} names shard files outside the checkpoint folder: {bad[:3]}")
-        missing = [n for n in names if not (src / n).is_file()]
+        missing = [n for n in names if n not in top]
         if missing:
             raise _fail(
                 f"{index} names {len(missing)} shard(s) missing from {src}: {', '.join(missing[:5])}"
                 f"{' ...' if len(missing) > 5 else ''}; re-fetch the checkpoint (flagrelease fetch)"
             )
         return [src / n for n in names], weight_map
-    files = sorted(p for p in src.glob("*.safetensors") if p.is_file())
+    files = sorted(p for name, p in top.items() if name.endswith(".safetensors"))
     if not files:
         raise _fail(f"{src} holds no *.safetensors weights; point convert at a safetensors checkpoint folder")
     return files, None
@@ -263,7 +319,7 @@ def _read_config(src: Path) -> dict[str, Any] | None:
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RecursionError) as err:
         raise _fail(f"{path} is not valid JSON: {err}") from err
     if not isinstance(data, dict):
         raise _fail(f"{path} does not hold a JSON object")
@@ -295,15 +351,16 @@ def build_plan(
         ConvertError: the checkpoint is incomplete or inconsistent (the message names
             the shard or tensor and says what to do).
     """
-    src = Path(src)
+    src = Path(src).resolve()
     if not src.is_dir():
         raise _fail(f"{src} is not a folder; give the checkpoint folder (with config.json and *.safetensors)")
     if fmt.strategy == "group" and group_size <= 0:
         raise _fail(f"group_size must be positive, got {group_size}")
+    listing = source_files(src)
     config = _read_config(src)
     _check_source_quant(config)
     block = _block_size(config)
-    files, weight_map = _weight_files(src)
+    files, weight_map = _weight_files(src, listing)
     tensors = _read_headers(files, weight_map)
     notes: list[str] = []
 

@@ -10,7 +10,10 @@ from typing import Any
 from flagrelease._atomic import atomic_dir, atomic_write_json
 from flagrelease.config import ConvertMode
 from flagrelease.convert._convert import convert_checkpoint, plan_conversion
+from flagrelease.convert._plan import source_files
+from flagrelease.convert.outputs import ConvertOutputs
 from flagrelease.errors import ConvertError
+from flagrelease.fetch.outputs import FetchOutputs
 from flagrelease.pipeline import ReleaseContext, StageResult
 
 __all__ = ["link_tree", "run_stage"]
@@ -21,21 +24,22 @@ STAGE = "convert"
 def link_tree(src: Path, *, dst: Path) -> dict[str, int]:
     """Mirror ``src`` at ``dst`` with hard links (copies across file systems), atomically.
 
-    Symbolic links (as in a hub cache snapshot) are resolved, so ``dst`` holds real files.
-    Hidden files and folders are left out.
+    Symbolic links that stay inside ``src`` are resolved, so ``dst`` holds real files;
+    hidden files and folders are left out.
 
     Returns:
         ``{"files": n, "bytes": b, "linked": files hard-linked}``.
+
+    Raises:
+        ConvertError: a symbolic link in ``src`` leaves it, points to nothing or loops.
     """
     src = Path(src).resolve()
     counts = {"files": 0, "bytes": 0, "linked": 0}
+    files = source_files(src)
     with atomic_dir(Path(dst)) as tmp:
-        for path in sorted(src.rglob("*")):
-            rel = path.relative_to(src)
-            if any(p.startswith(".") for p in rel.parts) or path.is_dir() or not path.exists():
-                continue
+        for path in files:
             real = path.resolve()
-            target = tmp / rel
+            target = tmp / path.relative_to(src)
             target.parent.mkdir(parents=True, exist_ok=True)
             try:
                 os.link(real, target)
@@ -48,14 +52,13 @@ def link_tree(src: Path, *, dst: Path) -> dict[str, int]:
 
 
 def _source_dir(ctx: ReleaseContext) -> Path:
-    fetch = ctx.result("fetch")
-    model_dir = fetch.outputs.get("model_dir")
-    if not model_dir:
+    fetch = ctx.result("fetch", FetchOutputs)
+    if not fetch.model_dir:
         raise ConvertError(
             "the fetch stage recorded no model_dir; run it again (flagrelease run CONFIG --stages fetch)",
             model=ctx.config.name,
         )
-    return Path(str(model_dir))
+    return Path(fetch.model_dir)
 
 
 def run_stage(ctx: ReleaseContext) -> StageResult:
@@ -66,8 +69,8 @@ def run_stage(ctx: ReleaseContext) -> StageResult:
     ``reports/quantization.json``. Device: ``ctx.options["convert_device"]`` (default cpu).
 
     Returns:
-        Outputs ``model_dir``, ``mode``, ``report`` (path or None), ``summary``; table
-        ``quantization`` with one row per converted tensor.
+        :class:`~flagrelease.convert.outputs.ConvertOutputs`; table ``quantization`` with
+        one row per converted tensor.
 
     Raises:
         ConvertError: the checkpoint cannot be converted (the message says why).
@@ -91,7 +94,7 @@ def run_stage(ctx: ReleaseContext) -> StageResult:
             stage=STAGE,
             summary=f"No conversion: mirrored {counts['files']} files ({counts['bytes'] / 1e9:.2f} GB) of the "
             f"fetched weights into `{dst}`.",
-            outputs={"model_dir": str(dst), "mode": mode.value, "report": None, "summary": summary},
+            outputs=ConvertOutputs(model_dir=str(dst), mode=mode.value, report=None, summary=summary),
         )
 
     try:
@@ -105,6 +108,7 @@ def run_stage(ctx: ReleaseContext) -> StageResult:
             device=str(ctx.options.get("convert_device", "cpu")),
             progress=lambda fraction, message: ctx.progress(STAGE, fraction, message),
             overwrite=True,
+            allow_non_finite=cfg.allow_non_finite,
         )
     except ConvertError as err:
         if err.model is None:
@@ -124,7 +128,7 @@ def run_stage(ctx: ReleaseContext) -> StageResult:
     return StageResult(
         stage=STAGE,
         summary=text,
-        outputs={"model_dir": str(dst), "mode": mode.value, "report": str(report_path), "summary": s},
+        outputs=ConvertOutputs(model_dir=str(dst), mode=mode.value, report=str(report_path), summary=s),
         tables={"quantization": report.table_rows()},
         status=status,
     )
@@ -160,10 +164,10 @@ def _dry_run(ctx: ReleaseContext, src: Path, dst: Path, report_path: Path) -> St
     return StageResult(
         stage=STAGE,
         summary=text,
-        outputs={
-            "model_dir": str(dst),
-            "mode": mode.value,
-            "report": None if mode is ConvertMode.NONE else str(report_path),
-            "summary": summary,
-        },
+        outputs=ConvertOutputs(
+            model_dir=str(dst),
+            mode=mode.value,
+            report=None if mode is ConvertMode.NONE else str(report_path),
+            summary=summary,
+        ),
     )

@@ -27,7 +27,14 @@ import torch
 from flagrelease._atomic import atomic_write_json
 from flagrelease.convert._io import BufferPool, ShardWriter, SourceFile
 from flagrelease.convert._plan import CheckpointPlan, Job, ShardPlan
-from flagrelease.convert.ops import ErrorStats, Workspace, dequant_fp8_block_with_error, pack_int32, quantize_int
+from flagrelease.convert.ops import (
+    ErrorStats,
+    Workspace,
+    check_finite,
+    dequant_fp8_block_with_error,
+    pack_int32,
+    quantize_int,
+)
 from flagrelease.errors import ConvertError
 
 __all__ = ["CHUNK_ELEMENTS", "COPY_CHUNK_BYTES", "ExecResult", "ProgressCallback", "load_done", "run_plan"]
@@ -41,6 +48,9 @@ COPY_CHUNK_BYTES = 16 << 20
 
 #: ``progress(fraction, message)``; an exception raised by it aborts the conversion.
 ProgressCallback = Callable[[float, str], None]
+
+#: Float dtypes whose copied tensors are checked for NaN and Inf, and their element sizes.
+_FLOAT_SIZES = {"BF16": 2, "F16": 2, "F32": 4}
 
 _TORCH_DTYPES: dict[str, torch.dtype] = {
     "BF16": torch.bfloat16,
@@ -89,10 +99,11 @@ class _Open:
 class _Engine:
     """One conversion run: the source files, the device and per-thread buffers."""
 
-    def __init__(self, plan: CheckpointPlan, *, device: torch.device, direct: bool) -> None:
+    def __init__(self, plan: CheckpointPlan, *, device: torch.device, direct: bool, allow_non_finite: bool) -> None:
         self.plan = plan
         self.device = device
         self.direct = direct
+        self.allow_non_finite = allow_non_finite
         self.local = threading.local()
         self.sources: dict[Path, SourceFile] = {}
 
@@ -148,7 +159,10 @@ class _Engine:
         src = job.src
         if job.kind == "copy":
             out = shard.tensors[job.outputs["weight"]]
-            data = self._read(src.file, src.offset + task.lo, task.hi - task.lo, 1)
+            esize = _FLOAT_SIZES.get(src.dtype, 1)
+            data = self._read(src.file, src.offset + task.lo, task.hi - task.lo, esize)
+            if esize > 1 and not self.allow_non_finite:
+                check_finite(data.view(_TORCH_DTYPES[src.dtype]), "tensor")
             writer.write(base + out.start + task.lo, data)
             return None
         rows, cols = task.hi - task.lo, src.cols
@@ -177,6 +191,7 @@ class _Engine:
                 stats=job.kind == "dequant",
                 stats_every=DEQUANT_STATS_EVERY,
                 row0=task.lo,
+                allow_non_finite=self.allow_non_finite,
             )
             if job.kind == "dequant":
                 out = shard.tensors[job.outputs["weight"]]
@@ -194,6 +209,7 @@ class _Engine:
             out=q_buf,
             work=dev,
             stats=True,
+            allow_non_finite=self.allow_non_finite,
         )
         s_out = shard.tensors[job.outputs["weight_scale"]]
         self._write(writer, scale, base + s_out.start + task.lo * (s_out.nbytes // src.rows), host, "host_scale")
@@ -279,6 +295,7 @@ def run_plan(
     device: torch.device,
     progress: ProgressCallback | None = None,
     direct_io: bool = True,
+    allow_non_finite: bool = False,
 ) -> ExecResult:
     """Write every shard of ``plan`` into ``out_dir``, skipping shards finished before.
 
@@ -291,6 +308,7 @@ def run_plan(
         device: where the arithmetic runs.
         progress: called from this thread with (fraction done, message) after each chunk.
         direct_io: use ``O_DIRECT`` where the file system allows it.
+        allow_non_finite: convert NaN and Inf values instead of refusing the tensor.
 
     Returns:
         Per-tensor error stats and which shards were resumed or written.
@@ -314,7 +332,7 @@ def run_plan(
     if res.resumed and progress:
         progress(done_bytes / total, f"resumed {len(res.resumed)} finished shard(s)")
 
-    engine = _Engine(plan, device=device, direct=direct_io)
+    engine = _Engine(plan, device=device, direct=direct_io, allow_non_finite=allow_non_finite)
     pool = BufferPool()
     opened: dict[int, _Open] = {}
     inflight: dict[Future[ErrorStats | None], _Task] = {}

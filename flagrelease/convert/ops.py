@@ -21,13 +21,14 @@ Formats:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
+
+from flagrelease.convert._work import ErrorStats, Workspace, check_finite, diff_stats, error_stats, take
 
 __all__ = [
     "ErrorStats",
     "Workspace",
+    "check_finite",
     "dequant_fp8_block",
     "dequant_fp8_block_with_error",
     "dequantize_int",
@@ -51,85 +52,6 @@ _E4M3_MAX = 448.0
 _FOLD_LIMIT = 2.0**7
 
 
-@dataclass(frozen=True)
-class ErrorStats:
-    """Sums that describe how far a converted tensor is from its reference.
-
-    Attributes:
-        sum_sq_ref: sum of squares of the reference values.
-        sum_sq_err: sum of squares of (reference - converted).
-        max_abs_err: largest absolute difference.
-        count: elements compared.
-    """
-
-    sum_sq_ref: float = 0.0
-    sum_sq_err: float = 0.0
-    max_abs_err: float = 0.0
-    count: int = 0
-
-    def __add__(self, other: ErrorStats) -> ErrorStats:
-        return ErrorStats(
-            self.sum_sq_ref + other.sum_sq_ref,
-            self.sum_sq_err + other.sum_sq_err,
-            max(self.max_abs_err, other.max_abs_err),
-            self.count + other.count,
-        )
-
-    @property
-    def rel_error(self) -> float:
-        """Relative L2 error ``||err|| / ||ref||`` (0 for an all-zero reference)."""
-        return (self.sum_sq_err / self.sum_sq_ref) ** 0.5 if self.sum_sq_ref > 0 else 0.0
-
-    @property
-    def snr_db(self) -> float | None:
-        """Signal-to-noise ratio in dB; None when the conversion is exact."""
-        import math
-
-        if self.sum_sq_err <= 0:
-            return None
-        if self.sum_sq_ref <= 0:
-            return -math.inf
-        return 10.0 * math.log10(self.sum_sq_ref / self.sum_sq_err)
-
-
-class Workspace:
-    """Scratch tensors kept between calls, one set per thread.
-
-    Fresh memory costs a page fault per 4 KiB on first touch, which on small VMs is
-    slower than the arithmetic itself; reusing buffers chunk after chunk avoids that and
-    bounds the memory a worker holds.
-    """
-
-    def __init__(self, device: str | torch.device = "cpu") -> None:
-        self.device = torch.device(device)
-        self._bufs: dict[str, torch.Tensor] = {}
-
-    def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """A tensor of ``shape``/``dtype`` backed by the buffer ``name`` (grown as needed)."""
-        count = 1
-        for d in shape:
-            count *= d
-        nbytes = count * torch.empty((), dtype=dtype).element_size()
-        buf = self._bufs.get(name)
-        if buf is None or buf.numel() < nbytes:
-            buf = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=self.device)
-            self._bufs[name] = buf
-        return buf[:nbytes].view(dtype).view(shape)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held."""
-        return sum(b.numel() for b in self._bufs.values())
-
-
-def _take(
-    work: Workspace | None, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
-) -> torch.Tensor:
-    if work is None:
-        return torch.empty(shape, dtype=dtype, device=device)
-    return work.take(name, shape, dtype)
-
-
 def fp8_e4m3_to_float(
     w: torch.Tensor, *, out: torch.Tensor | None = None, work: Workspace | None = None, unscaled: bool = False
 ) -> torch.Tensor:
@@ -150,7 +72,7 @@ def fp8_e4m3_to_float(
     Returns:
         float32 tensor of ``w``'s shape.
     """
-    bits = _take(work, "e4m3_bits", tuple(w.shape), torch.int16, w.device)
+    bits = take(work, "e4m3_bits", tuple(w.shape), torch.int16, w.device)
     bits.copy_(w.view(torch.int8))  # sign-extends, so the sign lands in bit 15 after the shift
     bits.mul_(16)
     bits.bitwise_and_(_E4M3_TO_BF16_MASK)
@@ -202,6 +124,7 @@ def dequant_fp8_block_with_error(
     stats: bool = True,
     stats_every: int = 1,
     row0: int = 0,
+    allow_non_finite: bool = False,
 ) -> tuple[torch.Tensor, ErrorStats | None]:
     """:func:`dequant_fp8_block`, plus the error of the bfloat16 rounding.
 
@@ -219,10 +142,15 @@ def dequant_fp8_block_with_error(
         stats: measure the error at all.
         stats_every: measure block-rows whose index in the whole weight is a multiple of this.
         row0: index of ``w``'s first row in the whole weight (a multiple of ``bm``).
+        allow_non_finite: let NaN codes and non-finite scales through (they stay NaN/Inf).
 
     Returns:
         ``(bf16 weight, ErrorStats)``; the stats are None when ``stats`` is False or no
         sampled block-row falls in ``w``.
+
+    Raises:
+        ValueError: shapes do not match, the dtype is wrong, or (unless ``allow_non_finite``)
+            the weight holds NaN codes or a scale is NaN or infinite.
     """
     bm, bn = (block, block) if isinstance(block, int) else block
     if w.dtype not in (torch.float8_e4m3fn, torch.uint8, torch.int8):
@@ -236,13 +164,15 @@ def dequant_fp8_block_with_error(
             f"scale shape {list(scale.shape)} does not match weight {list(w.shape)} with "
             f"{bm}x{bn} blocks (expected {list(want)})"
         )
-    f32 = _take(work, "f32_a", (rows, cols), torch.float32, w.device)
+    f32 = take(work, "f32_a", (rows, cols), torch.float32, w.device)
     sc = scale.to(device=w.device, dtype=torch.float32)
+    if not allow_non_finite:
+        check_finite(sc, "block scale (weight_scale_inv)")
     fold = bool(sc.numel()) and float(sc.abs().amax()) < _FOLD_LIMIT
     fp8_e4m3_to_float(w, out=f32, work=work, unscaled=fold)
     if fold:
         sc = sc * _E4M3_EXP_SHIFT  # exact (a power of two, no overflow): saves a pass over the weight
-    if f32.numel():
+    if f32.numel() and not allow_non_finite:
         lo, hi = torch.aminmax(f32)
         limit = _E4M3_MAX / (_E4M3_EXP_SHIFT if fold else 1.0)
         if float(hi) > limit or float(lo) < -limit:  # only the NaN codes decode past e4m3's max
@@ -269,42 +199,11 @@ def dequant_fp8_block_with_error(
         if (row0 // bm + b) % stats_every:
             continue
         r_lo, r_hi = b * bm, min(rows, (b + 1) * bm)
-        diff = _take(work, "f32_b", (r_hi - r_lo, cols), torch.float32, w.device)
+        diff = take(work, "f32_b", (r_hi - r_lo, cols), torch.float32, w.device)
         diff.copy_(res[r_lo:r_hi])
-        part = _diff_stats(f32[r_lo:r_hi], diff)
+        part = diff_stats(f32[r_lo:r_hi], diff)
         total = part if total is None else total + part
     return res, total
-
-
-def _sums(ref: torch.Tensor, diff: torch.Tensor) -> ErrorStats:
-    """Stats from the float32 reference and the float32 difference (approx - ref)."""
-    r = ref.reshape(-1)
-    d = diff.reshape(-1)
-    if not r.numel():
-        return ErrorStats()
-    lo, hi = torch.aminmax(d)
-    return ErrorStats(float(torch.dot(r, r)), float(torch.dot(d, d)), max(-float(lo), float(hi)), r.numel())
-
-
-def _diff_stats(ref: torch.Tensor, approx: torch.Tensor) -> ErrorStats:
-    """Stats of ``approx`` (float32, overwritten with the difference) against ``ref`` (float32)."""
-    approx.sub_(ref)
-    return _sums(ref, approx)
-
-
-def error_stats(ref: torch.Tensor, approx: torch.Tensor) -> ErrorStats:
-    """Error sums of ``approx`` against ``ref`` (both any float dtype, same shape).
-
-    Args:
-        ref: the reference values.
-        approx: the converted values.
-
-    Returns:
-        The :class:`ErrorStats`, accumulated in float32 and returned as Python floats.
-    """
-    if ref.shape != approx.shape:
-        raise ValueError(f"shapes differ: {list(ref.shape)} vs {list(approx.shape)}")
-    return _diff_stats(ref.float().contiguous(), approx.to(torch.float32, copy=True).contiguous())
 
 
 def quantize_int(
@@ -316,6 +215,7 @@ def quantize_int(
     out: torch.Tensor | None = None,
     work: Workspace | None = None,
     stats: bool = False,
+    allow_non_finite: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, ErrorStats | None]:
     """Symmetric round-to-nearest INT quantization per output channel or per group.
 
@@ -330,13 +230,15 @@ def quantize_int(
         out: int8 ``[rows, cols]`` to write ``q`` into.
         work: scratch buffers to reuse instead of allocating.
         stats: also return the error of ``q * scale`` against ``w``.
+        allow_non_finite: let NaN and Inf through (their rows get NaN or Inf scales).
 
     Returns:
         ``(q, scale, stats)``: ``q`` int8 ``[rows, cols]``; ``scale`` ``[rows, 1]`` or
         ``[rows, ceil(cols / group_size)]``; the :class:`ErrorStats` or None.
 
     Raises:
-        ValueError: bad shape, dtype, group size or bit width.
+        ValueError: bad shape, dtype, group size or bit width, or (unless
+            ``allow_non_finite``) NaN or Inf in the weight.
     """
     if not 2 <= num_bits <= 8:
         raise ValueError(f"num_bits must be in 2..8, got {num_bits}")
@@ -350,7 +252,7 @@ def quantize_int(
         raise ValueError(f"group_size must be positive, got {group_size}")
     ngroups = max(1, -(-cols // g))
     width = ngroups * g
-    wf = _take(work, "f32_a", (rows, width), torch.float32, w.device)
+    wf = take(work, "f32_a", (rows, width), torch.float32, w.device)
     if width > cols:
         wf[:, cols:].zero_()  # padding of the last group: zeros change neither absmax nor q
     wf[:, :cols].copy_(w)
@@ -358,13 +260,15 @@ def quantize_int(
     # amax and amin separately: aminmax along a dim is an order of magnitude slower on CPU
     # abs_: an all-zero group gives max(+0.0, -0.0), whose sign differs between CPU and CUDA.
     absmax = torch.maximum(torch.amax(grouped, dim=2), torch.amin(grouped, dim=2).neg_()).abs_()
+    if not allow_non_finite:  # amax/amin carry any NaN or Inf of the group into absmax
+        check_finite(absmax, "weight")
     # Divide by a tensor, not a Python number: CUDA turns division by a scalar into a
     # multiplication by its reciprocal, which rounds differently from CPU's true division.
     half_range = torch.full_like(absmax, (qmax - qmin) / 2.0)
     scale = _round_up(absmax / half_range, scale_dtype or w.dtype)
     sf = scale.float()
     sf = torch.where(sf == 0, torch.ones_like(sf), sf).unsqueeze(2)  # all-zero group: q = 0
-    qf = _take(work, "f32_b", (rows, width), torch.float32, w.device)
+    qf = take(work, "f32_b", (rows, width), torch.float32, w.device)
     qg = qf.view(rows, ngroups, g)
     torch.div(grouped, sf, out=qg)
     qg.round_().clamp_(qmin, qmax)
@@ -373,7 +277,7 @@ def quantize_int(
     if not stats:
         return q, scale, None
     qg.mul_(sf)  # the weight a loader reconstructs; padding stays 0 in both buffers
-    st = _diff_stats(wf, qf)
+    st = diff_stats(wf, qf)
     return q, scale, ErrorStats(st.sum_sq_ref, st.sum_sq_err, st.max_abs_err, rows * cols)
 
 
@@ -450,7 +354,7 @@ def pack_int32(
     offset = 1 << (num_bits - 1)
     res = out if out is not None else torch.empty((rows, words), dtype=torch.int32, device=q.device)
     res.zero_()
-    field = _take(work, "pack_field", (rows, words), torch.int32, q.device)
+    field = take(work, "pack_field", (rows, words), torch.int32, q.device)
     for i in range(per):
         part = q[:, i::per]  # value i of each word; the last word may lack it (zero padding)
         n = part.shape[1]

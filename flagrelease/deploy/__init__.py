@@ -35,6 +35,7 @@ from typing import Any
 
 from flagrelease import render
 from flagrelease._atomic import atomic_write_json
+from flagrelease._lease import port_lease
 from flagrelease.config import ReleaseConfig, RuntimeKind
 from flagrelease.deploy._health import free_port, log_tail
 from flagrelease.deploy._types import Endpoint, ServePlan, merge_gems_record
@@ -132,6 +133,7 @@ def plan_serve(
         excluded_ops=excluded,
         env=env,
         health_timeout_s=float(health_timeout_s or cfg.serve.health_timeout_s),
+        secret_refs=render.serve_secret_refs(cfg),
     )
 
 
@@ -198,6 +200,7 @@ def serving(
         DeployError: the model folder is missing, the port is taken, the engine crashes
             at start or is not ready in time; the message quotes the engine log's last
             lines, and nothing is left running.
+        BusyError: another flagrelease process serves on the port (the message names it).
     """
     kind = RuntimeKind(runtime) if runtime is not None else cfg.runtime
     plan = plan_serve(
@@ -229,7 +232,7 @@ def serving(
 
         cm = serve_multinode(plan, runner=runner)
     try:
-        with _sigterm_raises(), cm as endpoint:
+        with _sigterm_raises(), port_lease(plan.port, what=f"vLLM ({plan.variant}) of {cfg.name}"), cm as endpoint:
             endpoint.gems_record_path = merged if plan.flaggems else None
             if plan.flaggems:
                 _check_plugin(endpoint, plan)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flagrelease import render
 from flagrelease._atomic import atomic_write_json
 from flagrelease.config import ReleaseConfig
 
@@ -31,8 +32,11 @@ class ServePlan:
         port: its port.
         flaggems: whether FlagGems (or the CPU reference operators) is on.
         excluded_ops: operators left off.
-        env: the serving environment's additions (chip env, serve.envs, FlagGems switches).
+        env: the serving environment's additions (chip env, serve.envs, FlagGems switches),
+            literal values only.
         health_timeout_s: how long readiness may take.
+        secret_refs: variables given by reference (``serve.envs`` ``{secret: NAME}``):
+            variable -> secret name, resolved only into the server's environment at start.
     """
 
     cfg: ReleaseConfig
@@ -46,6 +50,15 @@ class ServePlan:
     excluded_ops: list[str]
     env: dict[str, str]
     health_timeout_s: float
+    secret_refs: dict[str, str] = field(default_factory=dict)
+
+    def secret_env(self) -> dict[str, str]:
+        """The secret variables resolved (for a process's environment only: never a file or a log).
+
+        Raises:
+            ConfigError: a secret is not set; the message says how to set it.
+        """
+        return render.serve_secrets(self.cfg) if self.secret_refs else {}
 
     @property
     def model_name(self) -> str:

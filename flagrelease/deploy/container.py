@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import os
 import secrets
 import shutil
 import subprocess
@@ -30,10 +31,19 @@ from collections.abc import Iterator
 from flagrelease import render
 from flagrelease._redact import redact
 from flagrelease.deploy._health import check_port_free, wait_ready
+from flagrelease.deploy._record import WEIGHTS, argv_record, env_record
 from flagrelease.deploy._types import Endpoint, ServePlan
+from flagrelease.deploy.outputs import ExecutedCommand
 from flagrelease.errors import DeployError
 
-__all__ = ["RECORD_MOUNT", "container_command", "docker_run_argv", "model_mount", "serve_container"]
+__all__ = [
+    "RECORD_MOUNT",
+    "container_command",
+    "container_record",
+    "docker_run_argv",
+    "model_mount",
+    "serve_container",
+]
 
 log = logging.getLogger("flagrelease.deploy")
 
@@ -90,10 +100,37 @@ def docker_run_argv(plan: ServePlan, *, image_ref: str, name: str, docker_args: 
     env.setdefault("VLLM_NO_USAGE_STATS", "1")
     for key, value in env.items():
         argv += ["--env", f"{key}={value}"]
+    for key in plan.secret_refs:  # the value comes from the docker CLI's environment, never the argv
+        argv += ["--env", key]
     if not _host_network(flags):
         argv += ["--publish", f"127.0.0.1:{plan.port}:{plan.port}"]
     argv += list(docker_args or [])
     return [*argv, image_ref, *container_command(plan)]
+
+
+def container_record(
+    plan: ServePlan, *, image_ref: str | None, ran: bool, reason: str | None = None
+) -> ExecutedCommand:
+    """The record of a container serve: the command inside the image, its environment, mounts and ports.
+
+    Extra ``docker_args`` of the caller are left out: they are this machine's, not the release's.
+    """
+    flags = list(plan.cfg.chip_profile.docker_run_flags)
+    env = {k: v for k, v in plan.env.items() if k != "FLAGRELEASE_GEMS_RECORD"}
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("VLLM_NO_USAGE_STATS", "1")
+    return ExecutedCommand(
+        node="localhost",
+        argv=argv_record(container_command(plan), model_dir=plan.model_dir),
+        env=env_record(env, secrets=plan.secret_refs),
+        image=image_ref,
+        mounts=[{"source": WEIGHTS, "target": model_mount(plan), "mode": "ro"}],
+        ran=ran,
+        reason=reason,
+        runtime="container",
+        docker_flags=flags,
+        ports=[] if _host_network(flags) else [f"127.0.0.1:{plan.port}:{plan.port}"],
+    )
 
 
 def _state(docker: str, name: str) -> str | None:
@@ -145,7 +182,14 @@ def serve_container(
         out.write(redact(f"\n=== flagrelease: docker {' '.join(argv)}\n"))
     logs: subprocess.Popen[bytes] | None = None
     try:
-        run = subprocess.run([docker, *argv], capture_output=True, text=True, timeout=300, check=False)
+        run = subprocess.run(
+            [docker, *argv],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+            env={**os.environ, **plan.secret_env()},
+        )
         if run.returncode != 0:
             raise DeployError(
                 f"docker run of {image_ref} failed (exit {run.returncode}): {redact(run.stderr.strip())[-2000:]}. "
@@ -176,7 +220,12 @@ def serve_container(
             runtime="container",
             flaggems=plan.flaggems,
             record_dir=plan.record_dir,
-            info={"docker_run": argv, "image": image_ref, "startup_s": round(took, 1)},
+            info={
+                "docker_run": argv,
+                "image": image_ref,
+                "startup_s": round(took, 1),
+                "executed": [container_record(plan, image_ref=image_ref, ran=True)],
+            },
         )
     finally:
         with contextlib.suppress(subprocess.TimeoutExpired):

@@ -1,10 +1,13 @@
 """The local runtime: vLLM's OpenAI server from the serving venv, on this machine.
 
-The server runs in its own session (process group), with its output appended to the
-engine log.  On Linux it is started through ``setpriv --pdeathsig KILL`` when available,
-so it dies with the process that started it even if that one is killed outright.
-Teardown sends SIGTERM to the whole group, waits, then SIGKILLs the group and any
-descendant that left it; nothing is left running, whatever ended the ``with`` block.
+The server runs under flagrelease's supervisor (:mod:`flagrelease._supervise`): in its
+own process group, stopped with everything it started when its owner dies, SIGKILL
+included, and reaped from its pid file at the next start if even the supervisor was
+killed.  Its output is appended to the engine log.  Teardown stops the whole group:
+SIGTERM, a grace period (short when the owner is being interrupted), SIGKILL; nothing is
+left running, whatever ended the ``with`` block.  The port is leased for as long as the
+server runs (:func:`flagrelease._lease.port_lease`), and the runtime venv is held in use
+(:func:`flagrelease.runtime.runtime_in_use`) so that no install removes it meanwhile.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -23,7 +25,9 @@ import psutil
 
 from flagrelease import constants, render, runtime
 from flagrelease._redact import redact
+from flagrelease._supervise import SupervisedProcess
 from flagrelease.deploy._health import check_port_free, log_tail, wait_ready
+from flagrelease.deploy._record import local_record
 from flagrelease.deploy._types import Endpoint, ServePlan
 
 __all__ = ["ServerProcess", "local_command", "local_environment", "serve_local", "terminate_tree"]
@@ -32,6 +36,8 @@ log = logging.getLogger("flagrelease.deploy")
 
 #: Seconds vLLM gets to shut down after SIGTERM before the group is killed.
 GRACE_S = 20.0
+#: The same when the owner is being interrupted (SIGTERM, Ctrl-C) or has died.
+DEATH_GRACE_S = 3.0
 
 
 def terminate_tree(proc: subprocess.Popen[bytes], *, grace_s: float = GRACE_S) -> None:
@@ -66,51 +72,37 @@ def terminate_tree(proc: subprocess.Popen[bytes], *, grace_s: float = GRACE_S) -
 
 
 class ServerProcess:
-    """One server process tree, its log, and its teardown."""
+    """One supervised server process group, its log, and its teardown."""
 
-    def __init__(self, argv: list[str], *, env: dict[str, str], log_path: Path, cwd: Path) -> None:
+    def __init__(self, argv: list[str], *, env: dict[str, str], log_path: Path, cwd: Path, what: str = "vLLM") -> None:
         self.argv = argv
         self.env = env
         self.log_path = log_path
         self.cwd = cwd
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.what = what
+        self.proc: SupervisedProcess | None = None
 
     def start(self) -> int:
-        """Start the server; return its pid."""
+        """Start the server; return its group id (the supervisor's pid)."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.cwd.mkdir(parents=True, exist_ok=True)
-        argv = list(self.argv)
-        setpriv = shutil.which("setpriv")
-        if setpriv and os.name == "posix":
-            argv = [setpriv, "--pdeathsig", "KILL", "--", *argv]
         with open(self.log_path, "ab") as out:
             header = f"\n=== flagrelease: {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(self.argv)}\n"
             out.write(redact(header).encode())
             out.flush()
-            self.proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=self.env,
-                cwd=self.cwd,
-                start_new_session=True,
+            self.proc = SupervisedProcess(
+                self.argv, env=self.env, cwd=self.cwd, stdout=out, what=self.what, grace_s=DEATH_GRACE_S
             )
-        return self.proc.pid
+            return self.proc.start()
 
     def exited(self) -> str | None:
         """Why the server is gone, or None while it runs."""
-        if self.proc is None:
-            return "never started"
-        code = self.proc.poll()
-        if code is None:
-            return None
-        return f"exited with code {code}" if code >= 0 else f"was killed by signal {-code}"
+        return "never started" if self.proc is None else self.proc.exited()
 
     def stop(self, *, grace_s: float = GRACE_S) -> None:
-        """Tear the whole process tree down (idempotent)."""
+        """Tear the whole process group down (idempotent)."""
         if self.proc is not None:
-            terminate_tree(self.proc, grace_s=grace_s)
+            self.proc.stop(grace_s=grace_s)
 
 
 def local_environment(plan: ServePlan, *, python: Path) -> dict[str, str]:
@@ -122,6 +114,7 @@ def local_environment(plan: ServePlan, *, python: Path) -> dict[str, str]:
     env.setdefault("VLLM_NO_USAGE_STATS", "1")
     env.setdefault("DO_NOT_TRACK", "1")
     env.update(plan.env)
+    env.update(plan.secret_env())
     if plan.flaggems:
         extra = runtime.plugin_pythonpath(python)
         if extra:
@@ -152,40 +145,55 @@ def serve_local(plan: ServePlan, *, python: Path | None = None) -> Iterator[Endp
     python = python or runtime.serve_python(plan.cfg.chip)
     check_port_free(plan.host, plan.port, what=f"vLLM ({plan.variant})")
     argv = local_command(plan, python=python)
+    env = local_environment(plan, python=python)
+    if plan.flaggems and plan.cfg.serve.flaggems.clean_caches:
+        runtime.clean_kernel_caches(env)
     server = ServerProcess(
-        argv, env=local_environment(plan, python=python), log_path=plan.log_path, cwd=plan.record_dir.parent
+        argv, env=env, log_path=plan.log_path, cwd=plan.record_dir.parent, what=f"vLLM ({plan.variant})"
     )
+    interrupted = False
     try:
-        pid = server.start()
-        log.info("[%s] vLLM starting (pid %d) on %s; log: %s", plan.variant, pid, plan.base_url, plan.log_path)
-        took = wait_ready(
-            plan.base_url,
-            model_name=plan.model_name,
-            timeout_s=plan.health_timeout_s,
-            exited=server.exited,
-            log_path=plan.log_path,
-        )
-        log.info("[%s] vLLM ready in %.0fs", plan.variant, took)
-        yield Endpoint(
-            base_url=plan.base_url,
-            model_name=plan.model_name,
-            log_path=plan.log_path,
-            gems_record_path=None,
-            pid=pid,
-            variant=plan.variant,
-            runtime="local",
-            flaggems=plan.flaggems,
-            record_dir=plan.record_dir,
-            info={"argv": argv, "startup_s": round(took, 1)},
-        )
-        gone = server.exited()
-        if gone is not None:
-            log.warning(
-                "[%s] the serving engine %s while in use; last lines of its log:\n%s",
-                plan.variant,
-                gone,
-                log_tail(plan.log_path, 10),
+        with runtime.runtime_in_use(python):
+            pid = server.start()
+            log.info("[%s] vLLM starting (pid %d) on %s; log: %s", plan.variant, pid, plan.base_url, plan.log_path)
+            took = wait_ready(
+                plan.base_url,
+                model_name=plan.model_name,
+                timeout_s=plan.health_timeout_s,
+                exited=server.exited,
+                log_path=plan.log_path,
             )
+            log.info("[%s] vLLM ready in %.0fs", plan.variant, took)
+            record = local_record(
+                argv, plan.env, model_dir=plan.model_dir, python=str(python), ran=True, secrets=plan.secret_refs
+            )
+            try:
+                yield Endpoint(
+                    base_url=plan.base_url,
+                    model_name=plan.model_name,
+                    log_path=plan.log_path,
+                    gems_record_path=None,
+                    pid=pid,
+                    variant=plan.variant,
+                    runtime="local",
+                    flaggems=plan.flaggems,
+                    record_dir=plan.record_dir,
+                    info={"argv": argv, "startup_s": round(took, 1), "executed": [record]},
+                )
+            except (KeyboardInterrupt, SystemExit):
+                interrupted = True
+                raise
+            gone = server.exited()
+            if gone is not None:
+                log.warning(
+                    "[%s] the serving engine %s while in use; last lines of its log:\n%s",
+                    plan.variant,
+                    gone,
+                    log_tail(plan.log_path, 10),
+                )
+    except (KeyboardInterrupt, SystemExit):
+        interrupted = True
+        raise
     finally:
-        server.stop()
+        server.stop(grace_s=DEATH_GRACE_S if interrupted else GRACE_S)
         log.info("[%s] vLLM stopped", plan.variant)

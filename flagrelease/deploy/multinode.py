@@ -33,8 +33,11 @@ from pathlib import Path
 from typing import Protocol
 
 from flagrelease import render
+from flagrelease._redact import redact
 from flagrelease.deploy._health import log_tail, wait_ready
+from flagrelease.deploy._record import argv_record, env_record
 from flagrelease.deploy._types import Endpoint, ServePlan
+from flagrelease.deploy.outputs import ExecutedCommand
 from flagrelease.errors import DeployError
 
 __all__ = [
@@ -43,6 +46,7 @@ __all__ = [
     "NodeCommand",
     "RecordingRunner",
     "SshRunner",
+    "multinode_record",
     "plan_multinode",
     "serve_multinode",
     "teardown_commands",
@@ -198,13 +202,17 @@ def _pid_file(plan: ServePlan) -> str:
     return f"/tmp/flagrelease-{plan.cfg.name}-{plan.variant}.pid"
 
 
-def plan_multinode(plan: ServePlan, *, ray_port: int = RAY_PORT, python: str | None = None) -> list[NodeCommand]:
+def plan_multinode(
+    plan: ServePlan, *, ray_port: int = RAY_PORT, python: str | None = None, secrets: bool = True
+) -> list[NodeCommand]:
     """The start commands of every node, in order: stop stale Ray, start Ray, check, serve.
 
     Args:
         plan: the serve plan (its config lists the nodes; the first is the head).
         ray_port: the Ray head's port.
         python: the interpreter on the nodes (default: the chip profile's).
+        secrets: resolve the secret variables into the nodes' environment (False for a plan
+            that is only recorded).
 
     Raises:
         DeployError: fewer than two nodes, or TP x PP needs more devices than the slots.
@@ -234,6 +242,8 @@ def plan_multinode(plan: ServePlan, *, ray_port: int = RAY_PORT, python: str | N
     cmds: list[NodeCommand] = []
     # The operator record is a folder on this machine; on the nodes it would be lost.
     base_env = {k: v for k, v in plan.env.items() if k != "FLAGRELEASE_GEMS_RECORD"}
+    if secrets:
+        base_env.update(plan.secret_env())  # reaches the nodes on the command line; logged redacted
     for i, node in enumerate(nodes):
         role = "head" if i == 0 else "worker"
         cmds.append(NodeCommand(node.host, role, "ray-stop", ["ray", "stop", "--force"], container=container))
@@ -263,6 +273,33 @@ def plan_multinode(plan: ServePlan, *, ray_port: int = RAY_PORT, python: str | N
         )
     )
     return cmds
+
+
+def multinode_record(
+    plan: ServePlan, cmds: list[NodeCommand], *, ran: bool, reason: str | None = None
+) -> list[ExecutedCommand]:
+    """The record of a multi-node serve: each node's Ray start, the cluster check and the server."""
+    out = []
+    for cmd in cmds:
+        if cmd.step == "ray-stop":
+            continue
+        argv = cmd.command
+        if cmd.step == "serve":  # the bash wrapper only writes a pid file for teardown
+            argv = shlex.split(argv[-1].split(" && exec ", 1)[-1])
+        out.append(
+            ExecutedCommand(
+                node=cmd.host,
+                argv=argv_record(argv, model_dir=plan.model_dir),
+                env={**env_record(cmd.env), **env_record({}, secrets=plan.secret_refs)},
+                ran=ran,
+                reason=reason,
+                role=cmd.role,
+                step=cmd.step,
+                runtime="multinode",
+                container=cmd.container,
+            )
+        )
+    return out
 
 
 def teardown_commands(plan: ServePlan) -> list[NodeCommand]:
@@ -320,7 +357,7 @@ def serve_multinode(
     try:
         for cmd in cmds:
             with open(plan.log_path, "a", encoding="utf-8") as out:
-                out.write(f"=== flagrelease: [{cmd.host} {cmd.role}] {cmd.step}: {cmd.remote_line()}\n")
+                out.write(redact(f"=== flagrelease: [{cmd.host} {cmd.role}] {cmd.step}: {cmd.remote_line()}\n"))
             if cmd.background:
                 handle = runner.spawn(cmd, log_path=plan.log_path)
                 continue
@@ -328,7 +365,7 @@ def serve_multinode(
             while True:
                 res = runner.run(cmd, timeout_s=120)
                 with open(plan.log_path, "a", encoding="utf-8") as out:
-                    out.write(res.output)
+                    out.write(redact(res.output))
                 if res.returncode == 0 or cmd.step == "ray-stop":
                     break
                 if time.monotonic() >= deadline:
@@ -356,7 +393,11 @@ def serve_multinode(
             runtime="multinode",
             flaggems=plan.flaggems,
             record_dir=None,
-            info={"nodes": [n.hostfile_line() for n in plan.cfg.nodes], "startup_s": round(took, 1)},
+            info={
+                "nodes": [n.hostfile_line() for n in plan.cfg.nodes],
+                "startup_s": round(took, 1),
+                "executed": multinode_record(plan, cmds, ran=True),
+            },
         )
     finally:
         for cmd in teardown_commands(plan):

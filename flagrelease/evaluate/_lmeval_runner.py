@@ -9,6 +9,12 @@ SQLite cache keyed by the exact request payload (prompt, sampling settings, seed
 that a run cut short by a dying server resumes where it stopped.  The runner reports
 its outcome in a JSON file named by the spec.  Reading the output is
 :mod:`flagrelease.samples`.
+
+A spec may ask for a truncation probe first (``probe``: items per task and the largest
+share of answers cut at ``max_tokens`` allowed): the first items of each generative task
+are run on their own, and when too many answers stop for length the runner stops with
+the error kind ``truncated`` before the long runs.  The probe's responses are cached like
+any other, so the runs that follow reuse them.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import sqlite3
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +41,7 @@ __all__ = [
     "NonFiniteOutput",
     "RequestRejected",
     "ResponseCache",
+    "TruncatedAnswers",
     "main",
     "validate_response",
 ]
@@ -52,6 +60,10 @@ class RequestRejected(RuntimeError):
 
 class NonFiniteOutput(RuntimeError):
     """The server computed NaN or infinite values (it cannot even encode them as JSON)."""
+
+
+class TruncatedAnswers(RuntimeError):
+    """Too many answers of the truncation probe stopped at ``max_tokens``."""
 
 
 class ResponseCache:
@@ -179,6 +191,12 @@ def _strict_models() -> tuple[type, type]:
             self._fr_fresh = 0
             self._fr_tokens = 0
             self._fr_seconds = 0.0
+            self._fr_finish: Counter[str] = Counter()
+
+        def _fr_count_finish(self, body: Any, generate: bool) -> None:
+            if generate and isinstance(body, dict):
+                for choice in body.get("choices") or []:
+                    self._fr_finish[str(choice.get("finish_reason") or "unknown")] += 1
 
         def _fr_payload(self, messages: Any, generate: bool, gen_kwargs: dict | None, **kw: Any) -> dict[str, Any]:
             return self._create_payload(  # type: ignore[attr-defined]
@@ -224,6 +242,7 @@ def _strict_models() -> tuple[type, type]:
             payload = self._fr_payload(messages, generate, gen_kwargs, **kwargs)
             key = ResponseCache.key(self.base_url, payload) if self._fr_cache is not None else None  # type: ignore[attr-defined]
             if key is not None and (cached := self._fr_cache.get(key)) is not None:  # type: ignore[union-attr]
+                self._fr_count_finish(cached, generate)
                 return cached
             self._fr_check_fatal()
             started = time.perf_counter()
@@ -242,6 +261,7 @@ def _strict_models() -> tuple[type, type]:
                 self._fr_fatal = MalformedResponse(f"the response is not JSON: {_short(response.text)}")
                 raise self._fr_fatal from err
             self._fr_record(key, body, generate, len(messages) if not self._chat else 1, started)
+            self._fr_count_finish(body, generate)
             return body
 
         async def amodel_call(
@@ -273,6 +293,7 @@ def _strict_models() -> tuple[type, type]:
                         self._fr_fatal = MalformedResponse(f"the response is not JSON: {_short(text)}")
                         raise self._fr_fatal from err
                     self._fr_record(key, body, generate, len(messages) if not self._chat else 1, started)
+            self._fr_count_finish(body, generate)
             if generate:
                 answers = list(self.parse_generations(outputs=body))  # type: ignore[attr-defined]
             else:
@@ -312,6 +333,8 @@ _NON_FINITE = re.compile(r"Out of range float values|not JSON compliant|\bNaN\b|
 def _error_kind(err: BaseException) -> str:
     if isinstance(err, NonFiniteOutput):
         return "nonfinite"
+    if isinstance(err, TruncatedAnswers):
+        return "truncated"
     if isinstance(err, MalformedResponse):
         return "malformed_response"
     if isinstance(err, RequestRejected):
@@ -407,6 +430,34 @@ def _run_one(spec: dict[str, Any], run: dict[str, Any], task_manager: Any) -> di
         "request_seconds": round(lm._fr_seconds, 3),
         "wall_seconds": round(time.perf_counter() - started, 3),
         "cache_entries": len(cache) if cache is not None else 0,
+        "finish_reasons": dict(lm._fr_finish),
+    }
+
+
+def _probe_truncation(spec: dict[str, Any], task_manager: Any) -> dict[str, Any]:
+    """Run the first items of each generative task; count answers that stopped for length."""
+    probe = spec["probe"]
+    items = int(probe["items_per_task"])
+    tasks: dict[str, dict[str, int]] = {}
+    for run in spec["runs"]:
+        if run["kind"] != "generate" or run["pass"] != 0:
+            continue
+        small = dict(run)
+        if run.get("samples"):
+            small["samples"] = {k: list(v)[:items] for k, v in run["samples"].items()}
+        else:
+            small["limit"] = min(items, run["limit"]) if run.get("limit") else items
+        small["output_dir"] = str(Path(probe["output_dir"]) / run["task"])
+        reasons = _run_one(spec, small, task_manager)["finish_reasons"]
+        tasks[run["task"]] = {"answers": sum(reasons.values()), "truncated": int(reasons.get("length", 0))}
+    answers = sum(t["answers"] for t in tasks.values())
+    truncated = sum(t["truncated"] for t in tasks.values())
+    return {
+        "tasks": tasks,
+        "answers": answers,
+        "truncated": truncated,
+        "share": round(truncated / answers, 4) if answers else None,
+        "max_truncated": float(probe["max_truncated"]),
     }
 
 
@@ -419,17 +470,26 @@ def main(argv: list[str] | None = None) -> int:
     spec = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
     outcome_path = Path(spec["outcome"])
     done: list[dict[str, Any]] = []
+    probe: dict[str, Any] | None = None
     try:
         from lm_eval.tasks import TaskManager
 
         task_manager = TaskManager(include_path=spec.get("include_path"))
+        if spec.get("probe"):
+            probe = _probe_truncation(spec, task_manager)
+            if probe["share"] is not None and probe["share"] > probe["max_truncated"]:
+                cut = ", ".join(f"{t} {v['truncated']}/{v['answers']}" for t, v in probe["tasks"].items())
+                raise TruncatedAnswers(
+                    f"{probe['truncated']} of {probe['answers']} probe answers stopped at max_tokens ({cut}); "
+                    f"at most {probe['max_truncated']:.0%} may"
+                )
         for run in spec["runs"]:
             done.append(_run_one(spec, run, task_manager))
-        outcome: dict[str, Any] = {"ok": True, "runs": done}
+        outcome: dict[str, Any] = {"ok": True, "runs": done, "probe": probe}
         code = 0
     except Exception as err:  # the child reports every failure to its parent
         kind, message = _classify(err)
-        outcome = {"ok": False, "runs": done, "error": {"kind": kind, "message": message}}
+        outcome = {"ok": False, "runs": done, "probe": probe, "error": {"kind": kind, "message": message}}
         code = 1
     tmp = outcome_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(outcome, indent=2), encoding="utf-8")

@@ -15,30 +15,20 @@ re-checked) a fetch does no network work at all.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from flagrelease._redact import install_log_redaction, redact, redact_obj
+from flagrelease._redact import install_log_redaction, redact
 from flagrelease.config import ModelSection, ModelSource
 from flagrelease.errors import FetchError
-from flagrelease.fetch._sources import (
-    Cancelled,
-    HfSource,
-    LocalSource,
-    ModelScopeSource,
-    RemoteFile,
-    clean_endpoint,
-    make_source,
-    safe_relpath,
-    tree_digest,
-)
+from flagrelease.fetch._names import check_tree, clean_endpoint, safe_relpath, tree_digest
+from flagrelease.fetch._sources import LocalSource, RemoteFile, Source, make_source
+from flagrelease.fetch._transfer import Transfers
+from flagrelease.fetch._types import MANIFEST_NAME, STAGING_NAME, FetchedFile, FetchResult
 from flagrelease.fetch._verify import (
     BadFile,
     FetchProgress,
@@ -49,113 +39,12 @@ from flagrelease.fetch._verify import (
     verify_file,
     write_manifest,
 )
-from flagrelease.pipeline import ReleaseContext, StageResult
 
-__all__ = [
-    "MANIFEST_NAME",
-    "STAGING_NAME",
-    "FetchResult",
-    "FetchedFile",
-    "fetch_model",
-    "partial_path",
-    "run_stage",
-]
+__all__ = ["fetch_model"]
 
 log = logging.getLogger("flagrelease.fetch")
 
-#: The manifest written into the destination folder.
-MANIFEST_NAME = "fetch_manifest.json"
-#: Partial transfers live here (inside the destination) until they are verified.
-STAGING_NAME = ".flagrelease-fetch"
 _LOCK_NAME = ".flagrelease-fetch.lock"
-_TICK_S = 0.25
-
-ProgressCallback = Callable[[float, str], None]
-_Src = HfSource | ModelScopeSource | LocalSource
-
-
-@dataclass
-class FetchedFile:
-    """One file of a fetch.
-
-    Attributes:
-        path: relative path inside the model folder (``/`` separators).
-        size: bytes.
-        sha256: content sha256 (None only in a dry-run plan).
-        verified_by: what the content was checked against: ``hub-sha256`` (the hub's LFS or
-            ModelScope checksum), ``git-blob-sha1`` (the hub's git blob id), ``manifest`` (an
-            earlier verified fetch), ``copy`` (a local source) or ``size`` (no checksum known).
-        action: ``downloaded``, ``resumed``, ``redownloaded``, ``copied``, ``reused`` (already
-            on disk and verified), ``planned`` or ``present`` (dry run).
-    """
-
-    path: str
-    size: int
-    sha256: str | None
-    verified_by: str
-    action: str
-
-    def to_json(self) -> dict[str, Any]:
-        """The manifest entry of this file."""
-        return {
-            "file": self.path,
-            "path": self.path,
-            "size": self.size,
-            "sha256": self.sha256,
-            "verified_by": self.verified_by,
-            "action": self.action,
-        }
-
-
-@dataclass
-class FetchResult:
-    """What a fetch did (or, with ``dry_run``, would do).
-
-    Attributes:
-        model_dir: the folder holding the model.
-        manifest: path of ``fetch_manifest.json`` (None in a dry run).
-        source: ``hf``, ``modelscope`` or ``local``.
-        repo_id: the hub repo id.
-        revision: the resolved revision (a commit sha on the HF Hub; the pinned revision on
-            ModelScope; ``sha256:<digest of the file list>`` for a local folder without one).
-        requested_revision: the revision the config pinned.
-        endpoint: the hub endpoint, without credentials (None for a local source).
-        files: every file, sorted by path.
-        bytes: total size of the files.
-        downloaded_bytes: bytes transferred (or, in a dry run, to transfer).
-        network: whether the hub was contacted.
-        dry_run: whether this is only a plan.
-        elapsed_s: wall time.
-        notes: remarks for people (e.g. a generated demo model).
-    """
-
-    model_dir: Path
-    manifest: Path | None
-    source: str
-    repo_id: str
-    revision: str | None
-    requested_revision: str | None
-    endpoint: str | None
-    files: list[FetchedFile] = field(default_factory=list)
-    bytes: int = 0
-    downloaded_bytes: int = 0
-    network: bool = True
-    dry_run: bool = False
-    elapsed_s: float = 0.0
-    notes: list[str] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        """The result as JSON-able data, secrets redacted."""
-        data = asdict(self)
-        data["model_dir"] = str(self.model_dir)
-        data["manifest"] = str(self.manifest) if self.manifest else None
-        data["files"] = [f.to_json() for f in self.files]
-        return redact_obj(data)
-
-
-def partial_path(dest: Path, name: str) -> Path:
-    """Where the partial transfer of file ``name`` lives while it downloads into ``dest``."""
-    return Path(dest) / STAGING_NAME / f"{name}.part"
 
 
 def _write_manifest(dest: Path, result: FetchResult, key: dict[str, Any], extra: dict[str, dict[str, Any]]) -> Path:
@@ -172,7 +61,7 @@ def _write_manifest(dest: Path, result: FetchResult, key: dict[str, Any], extra:
 
 
 def _reuse(
-    model: ModelSection, source: _Src, dest: Path, workers: int, listing: list[RemoteFile] | None
+    model: ModelSection, source: Source, dest: Path, workers: int, listing: list[RemoteFile] | None
 ) -> FetchResult | None:
     """The result of an earlier fetch whose manifest still matches the disk, without any network work."""
     m = read_manifest(dest / MANIFEST_NAME)
@@ -241,84 +130,8 @@ def _select(model: ModelSection, files: list[RemoteFile], dest: Path, where: str
         if f.path in seen:
             raise FetchError(f"{where}: lists {f.path!r} twice; the listing is malformed", model=model.repo_id)
         seen.add(f.path)
+    check_tree(seen, where=where, repo_id=model.repo_id)
     return sorted(chosen, key=lambda f: f.path)
-
-
-class _Fetcher:
-    """One fetch into ``dest``: reuse what is verified on disk, transfer the rest in parallel."""
-
-    def __init__(self, source: _Src, dest: Path, workers: int, progress: FetchProgress) -> None:
-        self.source = source
-        self.dest = dest
-        self.workers = workers
-        self.progress = progress
-        self.cancel = threading.Event()
-
-    def sink(self, _n: int) -> None:
-        if self.cancel.is_set():
-            raise Cancelled()
-
-    def transfer(self, rf: RemoteFile) -> FetchedFile:
-        part = partial_path(self.dest, rf.path)
-        # Resuming is safe only when a checksum will catch a partial file of the wrong bytes.
-        resumable = rf.local is None and bool(rf.sha256 or rf.git_sha1)
-        resumed = resumable and part.is_file() and 0 < part.stat().st_size <= rf.size
-        self.progress.start(rf.path, part)
-        problem: BadFile | None = None
-        for attempt in (1, 2):
-            if self.cancel.is_set():
-                raise Cancelled()
-            got = self.source.download(rf, part, fresh=attempt > 1 or not resumable, sink=self.sink)
-            try:
-                digest, how = verify_file(got, rf)
-            except BadFile as bad:
-                problem = bad
-                log.warning("%s: %s; %s", rf.path, bad, "transferring it again" if attempt == 1 else "giving up")
-                got.unlink(missing_ok=True)
-                continue
-            target = self.dest / safe_relpath(rf.path, self.dest)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(got, target)
-            self.progress.finish(rf.path, rf.size)
-            if rf.local is not None:
-                action = "copied"
-            else:
-                action = "redownloaded" if attempt > 1 else "resumed" if resumed else "downloaded"
-            return FetchedFile(rf.path, rf.size, digest, how, action)
-        what = "copied" if rf.local is not None else "downloaded"
-        raise FetchError(
-            f"{rf.path}: {problem} — {what} twice from {self.source.where()} and still bad. "
-            + (
-                "The source file is damaged: regenerate or replace it."
-                if rf.local is not None
-                else "The hub's copy (or a proxy in between) is damaged: try another endpoint or revision, "
-                "or report it to the repo owner."
-            ),
-            model=self.source.repo_id,
-        )
-
-    def run(self, todo: list[RemoteFile]) -> list[FetchedFile]:
-        done: list[FetchedFile] = []
-        if not todo:
-            return done
-        # Largest first, so the long transfers overlap the short ones.
-        order = sorted(todo, key=lambda f: -f.size)
-        pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="fetch")
-        futures: list[Future[FetchedFile]] = [pool.submit(self.transfer, rf) for rf in order]
-        try:
-            pending = set(futures)
-            while pending:
-                finished, pending = wait(pending, timeout=_TICK_S, return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    done.append(fut.result())
-                self.progress.tick(f"{len(done)}/{len(order)} files from {self.source.where()}")
-        except BaseException:
-            # Stop every transfer at its next chunk; partial files stay for the next run.
-            self.cancel.set()
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
-        pool.shutdown(wait=True)
-        return done
 
 
 def fetch_model(
@@ -405,7 +218,7 @@ def fetch_model(
     return result
 
 
-def _plan(model: ModelSection, source: _Src, dest: Path, started: float, notes: list[str]) -> FetchResult:
+def _plan(model: ModelSection, source: Source, dest: Path, started: float, notes: list[str]) -> FetchResult:
     listing = source.list_files()
     files = _select(model, listing.files, dest, source.where())
     planned = []
@@ -433,7 +246,7 @@ def _plan(model: ModelSection, source: _Src, dest: Path, started: float, notes: 
 
 def _fetch(
     model: ModelSection,
-    source: _Src,
+    source: Source,
     dest: Path,
     workers: int,
     report: Callable[[float, str], None],
@@ -505,7 +318,7 @@ def _fetch(
     bar = FetchProgress(total, model.repo_id, report)
     bar.done = sum(f.size for f in results.values())
     try:
-        fetcher = _Fetcher(source, dest, workers, bar)
+        fetcher = Transfers(source, dest, workers, bar)
         for got in fetcher.run(todo):
             results[got.path] = got
         bar.tick(f"fetched {len(files)} files", force=True)
@@ -557,63 +370,3 @@ def _fetch(
         result.manifest,
     )
     return result
-
-
-def run_stage(ctx: ReleaseContext) -> StageResult:
-    """The fetch stage: the release's weights into ``ctx.layout.source_dir``.
-
-    Options read from ``ctx.options``: ``fetch_workers`` (int, default 8).
-
-    Returns:
-        Outputs ``model_dir``, ``manifest``, ``files``, ``bytes``, ``revision``, ``source``
-        (plus ``endpoint``, ``downloaded_bytes``, ``network``); a ``files`` table.
-    """
-    model = ctx.config.model
-    result = fetch_model(
-        model,
-        dest=ctx.layout.source_dir,
-        workers=int(ctx.options.get("fetch_workers", 8)),
-        dry_run=ctx.dry_run,
-        progress=lambda fraction, message: ctx.progress("fetch", fraction, message),
-    )
-    rev = (result.revision or "unpinned")[:19]
-    size = _human(result.bytes)
-    if result.dry_run:
-        summary = (
-            f"Plan: {len(result.files)} files ({size}) of `{model.repo_id}` at `{rev}` from "
-            f"{result.source}; {_human(result.downloaded_bytes)} to transfer."
-        )
-    elif result.downloaded_bytes == 0:
-        summary = f"{len(result.files)} files ({size}) of `{model.repo_id}` at `{rev}` already fetched and verified."
-    else:
-        summary = (
-            f"Fetched {len(result.files)} files ({size}) of `{model.repo_id}` at `{rev}` from "
-            f"{result.source}; {_human(result.downloaded_bytes)} transferred, every file verified."
-        )
-    if result.notes:
-        summary += " " + " ".join(n[0].upper() + n[1:] + "." for n in result.notes)
-    outputs: dict[str, Any] = {
-        "model_dir": str(result.model_dir),
-        "manifest": str(result.manifest) if result.manifest else None,
-        "files": len(result.files),
-        "bytes": result.bytes,
-        "revision": result.revision,
-        "source": result.source,
-        "endpoint": result.endpoint,
-        "downloaded_bytes": result.downloaded_bytes,
-        "network": result.network,
-    }
-    table = [
-        {"file": f.path, "size": f.size, "sha256": f.sha256, "verified_by": f.verified_by, "action": f.action}
-        for f in result.files
-    ]
-    return StageResult(stage="fetch", summary=summary, outputs=outputs, tables={"files": table})
-
-
-def _human(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"

@@ -130,15 +130,32 @@ def check_indexes(dest: Path, paths: list[str]) -> None:
     """Every shard a ``*.safetensors.index.json`` names must be among the fetched ``paths``.
 
     Raises:
-        FetchError: an index names a shard that is not among ``paths``.
+        FetchError: an index is not a JSON object with a ``weight_map`` of tensor name to
+            shard file name, or names a shard that is not among ``paths``.
     """
     names = set(paths)
     for path in paths:
         if not path.endswith(".safetensors.index.json"):
             continue
-        index = json.loads((dest / path).read_text(encoding="utf-8"))
+        try:
+            index = json.loads((dest / path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise FetchError(f"{path}: cannot be read as JSON ({err}); the repository's index is damaged") from err
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict):
+            raise FetchError(
+                f"{path}: has no weight_map object (tensor name to shard file); the repository's index is "
+                "malformed: check the revision, or leave the index out with model.ignore_patterns"
+            )
+        bad = [(k, v) for k, v in weight_map.items() if not isinstance(v, str) or not v]
+        if bad:
+            name, value = bad[0]
+            raise FetchError(
+                f"{path}: weight_map maps {name!r} to {value!r}, not a shard file name ({len(bad)} such entries); "
+                "the repository's index is malformed: check the revision"
+            )
         folder = path.rsplit("/", 1)[0] + "/" if "/" in path else ""
-        shards = sorted(set((index.get("weight_map") or {}).values()))
+        shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if f"{folder}{s}" not in names]
         if missing:
             raise FetchError(

@@ -18,8 +18,11 @@ FlagGems off (the proposed ``excluded_ops``).  Trials are capped; groups not nar
 down when the cap is reached are proposed for exclusion whole.
 
 :func:`bisect_operators` holds the search and takes the trial as a callable, so it is
-tested with a deterministic oracle; :func:`bisect_release` runs real trials (serve with
-``excluded_ops``, evaluate, compare) for the gate stage.
+tested with a deterministic oracle; :func:`bisect_release` runs real trials for the gate
+stage: the eval stage's ``flaggems_trial`` (serve the target with ``excluded_ops``,
+evaluate the probed items), which the pipeline lends
+(:meth:`flagrelease.pipeline.ReleaseContext.hook`), so the gate never imports the eval
+stage's code.
 """
 
 from __future__ import annotations
@@ -34,8 +37,11 @@ from typing import Any
 
 from flagrelease._atomic import atomic_write_json
 from flagrelease.config import EvalTask
-from flagrelease.errors import ConfigError, EvalError, GateError
+from flagrelease.deploy.outputs import DeployOutputs
+from flagrelease.errors import ConfigError, GateError
+from flagrelease.evaluate.outputs import VariantOutputs
 from flagrelease.pipeline import ReleaseContext
+from flagrelease.samples import iter_per_sample
 
 __all__ = [
     "BisectResult",
@@ -289,8 +295,6 @@ def answer_of(line: Mapping[str, Any]) -> Any:
 
 
 def _answers(per_sample: Path, *, benchmark: str | None = None) -> dict[tuple[str, str, int], tuple[Any, float]]:
-    from flagrelease.samples import iter_per_sample
-
     out = {}
     for line in iter_per_sample(per_sample):
         if line.get("sample", 0) != 0 or (benchmark is not None and line["benchmark"] != benchmark):
@@ -349,7 +353,7 @@ def pick_items(
 def bisect_release(
     ctx: ReleaseContext,
     *,
-    variants: Mapping[str, Mapping[str, Any]],
+    variants: Mapping[str, VariantOutputs],
     max_rounds: int | None = None,
     max_items: int = 16,
 ) -> BisectResult:
@@ -357,8 +361,8 @@ def bisect_release(
 
     Uses the deploy stage's record of the operators that ran (``gems_ops``; else the
     eval's record of the target serve), the eval stage's ``target`` and
-    ``target_gems_off`` per-sample logs, and serves the target
-    with operators excluded through :func:`flagrelease.evaluate.serve_variant`.  Writes
+    ``target_gems_off`` per-sample logs, and runs each trial through the eval stage's
+    ``flaggems_trial`` hook (the target served with operators excluded).  Writes
     ``reports/bisect.json``.
 
     Args:
@@ -370,53 +374,38 @@ def bisect_release(
     Raises:
         GateError: the eval stage has no FlagGems-off variant to compare with.
     """
-    from flagrelease.evaluate import evaluate_live, plan_variants
-    from flagrelease.samples import iter_per_sample
-
     cfg = ctx.config
-    if "target_gems_off" not in variants:
+    off = variants.get("target_gems_off")
+    if off is None or not off.per_sample:
         raise GateError("bisection needs the target_gems_off variant; set gates.flaggems_compare: true")
     try:
-        ops = list(ctx.result("deploy").outputs.get("gems_ops") or [])
+        ops = list(ctx.result("deploy", DeployOutputs).gems_ops)
     except ConfigError:
         ops = []
-    ops = ops or list(variants["target"].get("gems_ops") or [])
+    ops = ops or list(variants["target"].gems_ops)
     base = list(cfg.serve.flaggems.excluded_ops)
     ops = [o for o in ops if o not in set(base)]
     rounds = max_rounds or int(ctx.options.get("bisect_max_rounds", 8))
-    on_samples = variants["target"].get("per_sample")
+    on_samples = variants["target"].per_sample
     tasks, doc_ids, baseline, failing = pick_items(
         Path(on_samples) if on_samples else None,
-        off_per_sample=Path(variants["target_gems_off"]["per_sample"]),
+        off_per_sample=Path(off.per_sample),
         tasks=cfg.eval.tasks,
         max_items=max_items,
     )
-    plan = next(p for p in plan_variants(ctx) if p.name == "target")
-    trial_dir = ctx.layout.runs_dir / "bisect"
+    trial = ctx.hook("flaggems_trial")
     counter = [0]
 
     def run_trial(excluded: frozenset[str]) -> dict[Hashable, Any]:
         counter[0] += 1
-        label = f"bisect-{counter[0]}"
-        try:
-            run = evaluate_live(
-                ctx,
-                plan,
-                out_dir=trial_dir / label,
-                tasks=tasks,
-                doc_ids=doc_ids,
-                excluded_ops=sorted(excluded),
-                label=label,
-                throughput=False,
-                samples_per_item=1,
-            )
-        except EvalError as err:
-            if getattr(err, "kind", None) != "nonfinite":
-                raise
+        per_sample = trial(
+            ctx, excluded_ops=sorted(excluded), tasks=tasks, doc_ids=doc_ids, label=f"bisect-{counter[0]}"
+        )
+        if per_sample is None:
             return {}  # NaN/inf: no item gets its FlagGems-off answer
         return {
             (line["task"], int(line["doc_id"])): answer_of(line)
-            for line in iter_per_sample(run.per_sample)
+            for line in iter_per_sample(Path(per_sample))
             if line.get("sample", 0) == 0
         }
 

@@ -10,47 +10,41 @@ measures the speed against native and the share of GPU kernel time and launches 
 Triton kernels serve.  The operators that fail become the release's ``excluded_ops``.
 
 On a machine without an accelerator the probe says so and returns a ``skipped`` report.
+
+Pieces: :mod:`flagrelease.gems._isolated` runs each worker process,
+:mod:`flagrelease.gems._probe_worker` is the worker, :mod:`flagrelease.gems._probe_report`
+holds the report, and :mod:`flagrelease.gems._probe_step` runs the probe as a pipeline step.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from flagrelease._atomic import atomic_write_json, atomic_write_text
-from flagrelease._redact import redact, redact_obj
-from flagrelease.config import ConvertMode, ModelSource, ReleaseConfig
+from flagrelease._redact import redact
+from flagrelease.config import ModelSource, ReleaseConfig
 from flagrelease.constants import cache_dir, hf_endpoint, hf_token
-from flagrelease.errors import ConfigError, ProbeError
+from flagrelease.errors import ProbeError
+from flagrelease.gems._isolated import IsolatedRun, run_isolated, signal_name
+from flagrelease.gems._probe_library import DEFAULT_LIBRARY
+from flagrelease.gems._probe_report import FAILING, OpResult, ProbeReport, Tolerances
 from flagrelease.layout import BundleLayout
-from flagrelease.pipeline import ReleaseContext, StageResult
 
-__all__ = [
-    "TINY_QWEN2_CONFIG",
-    "IsolatedRun",
-    "OpResult",
-    "ProbeReport",
-    "Tolerances",
-    "probe_gems",
-    "run_isolated",
-    "run_probe_step",
-]
+__all__ = ["TINY_QWEN2_CONFIG", "WORKER_MODULE", "probe_gems"]
 
 log = logging.getLogger("flagrelease.gems.probe")
 
-#: Statuses that put an operator on the excluded list.
-FAILING = ("mismatch", "nan", "crash", "error", "timeout")
+#: The module each worker process runs (``python -m``).
+WORKER_MODULE = "flagrelease.gems._probe_worker"
 
 #: The built-in tiny Qwen2 (the demo model's architecture), for releases with no config.
 TINY_QWEN2_CONFIG: dict[str, Any] = {
@@ -78,243 +72,6 @@ _DEFAULT_BENCH = {
     "decode_steps": 32,
     "repeats": 9,
 }
-
-
-# -- isolated subprocesses ------------------------------------------------------------------
-@dataclass
-class IsolatedRun:
-    """How one worker process ended.
-
-    Attributes:
-        status: ``ok`` (exit 0), ``error`` (non-zero exit), ``crash`` (killed by a
-            signal, e.g. SIGABRT/SIGSEGV from a faulting kernel) or ``timeout``.
-        returncode: the exit status (negative: the signal), None on timeout.
-        seconds: wall time.
-        tail: the last lines of the process's output, secrets redacted.
-        log: the file holding its whole output.
-    """
-
-    status: str
-    returncode: int | None
-    seconds: float
-    tail: str
-    log: str
-
-
-def run_isolated(
-    argv: Sequence[str], *, timeout_s: float, log_path: Path, env: dict[str, str] | None = None, cwd: Path | None = None
-) -> IsolatedRun:
-    """Run ``argv`` in its own process group with a time limit; kill the whole group on timeout.
-
-    Args:
-        argv: the command (no shell).
-        timeout_s: seconds before the process group gets SIGKILL.
-        log_path: where stdout and stderr go.
-        env: the environment (default: this one).
-        cwd: the working directory.
-
-    Returns:
-        How it ended, with the tail of its output.
-    """
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.monotonic()
-    with open(log_path, "wb") as out:
-        proc = subprocess.Popen(
-            list(argv),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            cwd=cwd,
-            start_new_session=True,
-        )
-        try:
-            rc: int | None = proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            rc = None
-        finally:
-            # Children of the worker (compilers, autotuners) go with it, whatever happened.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            # A process stuck in the driver may take a while to go; never wait on it forever.
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=30)
-    seconds = time.monotonic() - t0
-    text = log_path.read_text(encoding="utf-8", errors="replace")
-    tail = redact("\n".join(text.strip().splitlines()[-15:]))
-    if rc is None:
-        status = "timeout"
-    elif rc == 0:
-        status = "ok"
-    elif rc < 0:
-        status = "crash"
-    else:
-        status = "error"
-    return IsolatedRun(status=status, returncode=rc, seconds=round(seconds, 3), tail=tail, log=str(log_path))
-
-
-# -- report -----------------------------------------------------------------------------------
-@dataclass
-class Tolerances:
-    """When an operator's logits count as consistent with native.
-
-    Derived from the model's own bf16 rounding noise (bf16 vs fp32 logits) when the
-    fp32 model fits, else fixed defaults.
-    """
-
-    rel_l2: float = 0.05
-    top1: float = 0.9
-    source: str = "default"
-
-    @classmethod
-    def from_floor(cls, floor: dict[str, Any] | None, *, factor: float = 4.0) -> Tolerances:
-        """``factor`` times the bf16-vs-fp32 relative L2 error; top-1 allows 3x its misses."""
-        if not floor:
-            return cls()
-        rel = max(float(floor["rel_l2_err"]) * factor, 1e-3)
-        top1 = max(0.5, 1.0 - 3.0 * (1.0 - float(floor["top1_agreement"])) - 0.01)
-        return cls(rel_l2=round(rel, 6), top1=round(top1, 4), source="bf16-vs-fp32 noise floor")
-
-
-@dataclass
-class OpResult:
-    """One operator, enabled alone."""
-
-    op: str
-    status: str
-    calls: int | None = None
-    max_abs_err: float | None = None
-    max_rel_err: float | None = None
-    rel_l2_err: float | None = None
-    top1_agreement: float | None = None
-    nonfinite: int | None = None
-    native_drift: float | None = None
-    seconds: float = 0.0
-    detail: str = ""
-
-
-@dataclass
-class ProbeReport:
-    """The probe's findings; ``excluded_ops`` goes into ``serve.flaggems.excluded_ops``."""
-
-    release: str
-    chip: str
-    verdict: str
-    reason: str = ""
-    device: str | None = None
-    device_name: str | None = None
-    library: str = "flag_gems"
-    library_version: str | None = None
-    versions: dict[str, str | None] = field(default_factory=dict)
-    model: dict[str, Any] = field(default_factory=dict)
-    tolerances: dict[str, Any] = field(default_factory=dict)
-    ops: list[OpResult] = field(default_factory=list)
-    full: list[dict[str, Any]] = field(default_factory=list)
-    excluded_ops: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        """The report as JSON-able data, secrets redacted."""
-        return redact_obj(asdict(self))
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> ProbeReport:
-        """Rebuild a report saved by :meth:`to_json`."""
-        data = dict(data)
-        data["ops"] = [OpResult(**o) for o in data.get("ops", [])]
-        return cls(**data)
-
-    def to_text(self) -> str:
-        """A Markdown summary with one row per operator and one per full run."""
-        head = [
-            f"# FlagGems probe: {self.release} on {self.chip}",
-            "",
-            f"verdict: **{self.verdict}**" + (f" ({self.reason})" if self.reason else ""),
-        ]
-        if self.device:
-            head.append(
-                f"device: {self.device_name or self.device}; {self.library} {self.library_version}; "
-                + ", ".join(f"{k} {v}" for k, v in self.versions.items() if v)
-            )
-        if self.model:
-            m = self.model
-            arch = m.get("arch", {})
-            head.append(
-                f"model: {'random weights' if m.get('random_weights') else m.get('model_dir')}, "
-                f"{arch.get('model_type')} hidden {arch.get('hidden_size')}, "
-                f"{arch.get('num_hidden_layers')} layers, vocab {arch.get('vocab_size')}, "
-                f"{m.get('params', 0) / 1e9:.2f}B params"
-            )
-        if self.tolerances:
-            t = self.tolerances
-            head.append(f"tolerance: rel L2 <= {t['rel_l2']:.2e}, top-1 >= {t['top1']:.3f} ({t['source']})")
-        lines = [*head, ""]
-        if self.ops:
-            lines += [
-                "| operator | status | calls | max abs err | max rel err | rel L2 err | top-1 | NaN/Inf | s |",
-                "|---|---|---:|---:|---:|---:|---:|---:|---:|",
-            ]
-            for r in self.ops:
-                lines.append(
-                    f"| {r.op} | {r.status} | {_n(r.calls)} | {_e(r.max_abs_err)} | {_e(r.max_rel_err)} | "
-                    f"{_e(r.rel_l2_err)} | {_f(r.top1_agreement)} | {_n(r.nonfinite)} | {r.seconds:.1f} |"
-                )
-            lines.append("")
-        if self.full:
-            lines += [
-                "| run | status | rel L2 err | top-1 | prefill ms (native / gems) | decode tok/s "
-                "(native / gems) | GPU kernel ms, profiled steps (native / gems) | Triton share of kernel time "
-                "| of launches |",
-                "|---|---|---:|---:|---:|---:|---:|---:|---:|",
-            ]
-            for run in self.full:
-                lines.append(_full_row(run))
-            lines.append("")
-        for r in self.ops:
-            if r.status in FAILING and r.detail:
-                lines.append(f"- {r.op} ({r.status}): {r.detail.splitlines()[0][:300]}")
-        for run in self.full:
-            if run.get("status") != "ok" and run.get("detail"):
-                lines.append(f"- full run ({run.get('status')}): {str(run['detail']).splitlines()[0][:300]}")
-        lines.append(f"excluded_ops: {json.dumps(self.excluded_ops)}")
-        return "\n".join(lines)
-
-
-def _e(x: float | None) -> str:
-    return "-" if x is None else f"{x:.2e}"
-
-
-def _f(x: float | None) -> str:
-    return "-" if x is None else f"{x:.3f}"
-
-
-def _n(x: int | None) -> str:
-    return "-" if x is None else str(x)
-
-
-def _full_row(run: dict[str, Any]) -> str:
-    label = "all operators" if not run.get("exclude") else f"all minus {len(run['exclude'])} excluded"
-    if run.get("status") != "ok":
-        return f"| {label} | {run.get('status')} | - | - | - | - | - | - | - |"
-    m, nat, lib = run["metrics"], run["native"], run["library"]
-    prof = lib.get("profile") or {}
-    nprof = nat.get("profile") or {}
-    kern = "-"
-    if prof.get("kernel_time_us") is not None and nprof.get("kernel_time_us") is not None:
-        kern = f"{nprof['kernel_time_us'] / 1e3:.2f} / {prof['kernel_time_us'] / 1e3:.2f}"
-    share = prof.get("triton_time_share")
-    launch = prof.get("triton_launch_share")
-    return (
-        f"| {label} | {run.get('verdict', 'ok')} | {_e(m['rel_l2_err'])} | {_f(m['top1_agreement'])} | "
-        f"{nat['bench']['prefill_ms']:.2f} / {lib['bench']['prefill_ms']:.2f} | "
-        f"{nat['bench']['decode_tok_s']:.0f} / {lib['bench']['decode_tok_s']:.0f} | {kern} | "
-        f"{'-' if share is None else f'{share:.1%}'} | {'-' if launch is None else f'{launch:.1%}'} |"
-    )
-
-
-# -- the model to probe -------------------------------------------------------------------------
-def _has_weights(d: Path) -> bool:
-    return (d / "config.json").is_file() and any(d.glob("*.safetensors"))
 
 
 def _find_config(cfg: ReleaseConfig, layout: BundleLayout) -> Path:
@@ -375,7 +132,7 @@ class _Runner:
         argv = [
             self.python,
             "-m",
-            "flagrelease.gems._probe_worker",
+            WORKER_MODULE,
             mode,
             "--spec",
             str(self.spec_path),
@@ -393,20 +150,13 @@ class _Runner:
         return run, data
 
 
-def _signal_name(num: int) -> str:
-    try:
-        return signal.Signals(num).name
-    except ValueError:
-        return f"signal {num}"
-
-
 def _judge(op: str, run: IsolatedRun, data: dict[str, Any], tol: Tolerances) -> OpResult:
     if run.status != "ok":
         detail = data.get("error") or run.tail
         if run.status == "timeout":
             detail = f"no result within {run.seconds:.0f}s (hang or runaway compile); {run.tail[-300:]}"
         elif run.status == "crash":
-            detail = f"killed by {_signal_name(-(run.returncode or 0))}; last output: {run.tail[-600:]}"
+            detail = f"killed by {signal_name(-(run.returncode or 0))}; last output: {run.tail[-600:]}"
         elif data.get("error"):
             detail = f"{data['error']}"
         return OpResult(op=op, status=run.status, seconds=run.seconds, detail=redact(str(detail)))
@@ -503,7 +253,7 @@ def probe_gems(
     work = layout.runs_dir / "probe"
     work.mkdir(parents=True, exist_ok=True)
     spec: dict[str, Any] = {
-        "library": library or "flagrelease.gems._probe_worker:FlagGemsLibrary",
+        "library": library or DEFAULT_LIBRARY,
         "device": None,
         "work_dir": str(work),
         "model_dir": None,
@@ -600,69 +350,3 @@ def _finish(report: ProbeReport, out_dir: Path, t0: float) -> ProbeReport:
     atomic_write_json(out_dir / "gems_probe.json", report.to_json())
     atomic_write_text(out_dir / "gems_probe.md", report.to_text() + "\n")
     return report
-
-
-# -- pipeline step --------------------------------------------------------------------------------
-def _step_weights(ctx: ReleaseContext) -> Path | None:
-    """Weights transformers can load: converted BF16, else the fetched source, else none (random)."""
-    mode = ctx.config.convert.mode
-    order = ["convert", "fetch"] if mode in (ConvertMode.NONE, ConvertMode.FP8_BLOCK_TO_BF16) else ["fetch"]
-    for stage in order:
-        try:
-            model_dir = ctx.result(stage).outputs.get("model_dir")
-        except ConfigError:  # that stage has not run for this release
-            continue
-        if model_dir and _has_weights(Path(model_dir)):
-            return Path(model_dir)
-    return None
-
-
-def run_probe_step(ctx: ReleaseContext) -> StageResult:
-    """The probe as a pipeline step before eval; writes ``reports/gems_probe.json``.
-
-    Options read from ``ctx.options``: ``probe_timeout_s``, ``probe_jobs``, ``probe_layers``,
-    ``probe_library`` and ``probe_bench`` (see :func:`probe_gems`).
-
-    Returns:
-        A ``probe`` result: status ``ok`` (pass), ``warning`` (excluded operators
-        proposed in ``outputs['excluded_ops']``), ``failed`` or ``skipped``.
-    """
-    cfg = ctx.config
-    if not cfg.serve.flaggems.enabled:
-        return StageResult(
-            stage="probe", summary="FlagGems is off for this release; nothing to probe.", status="skipped"
-        )
-    if ctx.dry_run:
-        return StageResult(
-            stage="probe",
-            status="skipped",
-            summary=f"would probe each FlagGems operator of {cfg.model.name} on {cfg.chip}",
-            outputs={"report": str(ctx.layout.reports_dir / "gems_probe.json")},
-        )
-    ctx.progress("probe", 0.0, "probing FlagGems operators")
-    report = probe_gems(
-        cfg,
-        out_dir=ctx.layout.reports_dir,
-        weights=_step_weights(ctx),
-        timeout_s=float(ctx.options.get("probe_timeout_s", 120)),
-        jobs=int(ctx.options.get("probe_jobs", 1)),
-        layers=ctx.options.get("probe_layers"),
-        library=ctx.options.get("probe_library"),
-        bench=ctx.options.get("probe_bench"),
-    )
-    ctx.progress("probe", 1.0, report.verdict)
-    status = {"pass": "ok", "warning": "warning", "failed": "failed"}.get(report.verdict, "skipped")
-    shipped = report.full[-1] if report.full else {}
-    prof = (shipped.get("library") or {}).get("profile") or {}
-    outputs = {
-        "report": str(ctx.layout.reports_dir / "gems_probe.json"),
-        "verdict": report.verdict,
-        "excluded_ops": report.excluded_ops,
-        "device": report.device_name,
-        "flag_gems_version": report.library_version,
-        "triton_time_share": prof.get("triton_time_share"),
-        "speedup": shipped.get("speedup"),
-    }
-    rows = [{k: v for k, v in asdict(r).items() if k != "detail"} for r in report.ops]
-    summary = f"FlagGems probe: {report.verdict}" + (f" ({report.reason})" if report.reason else "")
-    return StageResult(stage="probe", summary=summary, outputs=outputs, tables={"gems_probe": rows}, status=status)

@@ -1,14 +1,14 @@
-"""The image stage: the vendor Dockerfile rendered from templates, built with a real Docker engine, pushed, and its digest recorded."""
+"""The image stage: the vendor Dockerfile rendered from templates, built, pushed, its digest recorded."""
 
 from __future__ import annotations
 
+from flagrelease.image._base import PROJECT_BASES, make_project_base, project_base_kind, python_rootfs
 from flagrelease.image._build import (
     DEFAULT_DOCKER_HOST,
     ImageBuildResult,
     build_image,
     connect_engine,
     engine_version,
-    run_stage,
 )
 from flagrelease.image._dockerfile import (
     DEFAULT_FLAG_GEMS_VERSION,
@@ -21,10 +21,13 @@ from flagrelease.image._dockerfile import (
     render_release,
     source_commit,
 )
+from flagrelease.image._stage import BUNDLE_CONTEXT, image_model_path, run_stage
 
 __all__ = [
+    "BUNDLE_CONTEXT",
     "DEFAULT_DOCKER_HOST",
     "DEFAULT_FLAG_GEMS_VERSION",
+    "PROJECT_BASES",
     "ImageBuildResult",
     "ImagePlan",
     "base_image",
@@ -32,7 +35,11 @@ __all__ = [
     "connect_engine",
     "engine_version",
     "image_labels",
+    "image_model_path",
     "image_plan",
+    "make_project_base",
+    "project_base_kind",
+    "python_rootfs",
     "render_dockerfile",
     "render_image_context",
     "render_release",

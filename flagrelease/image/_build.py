@@ -1,19 +1,10 @@
-"""The image stage: render the vendor build context, build it, push it, record the digest.
+"""Build a rendered context with a real Docker engine, push it, and record its digest.
 
-Builds go through the docker SDK to a real engine (``$DOCKER_HOST`` or the local socket).
-The build log is streamed line by line to the ``flagrelease.image`` logger, which the
-Prefect task captures.  After a push the digest comes from the push response and is
-checked against the engine's ``RepoDigests``.
-
-When the image cannot be built here (no engine answers, or the base image is neither on
-the engine nor pullable), ``image.on_missing_engine`` decides: ``fail`` raises an
-:class:`~flagrelease.errors.ImageError` saying how to get an engine, ``keep-context``
-keeps the rendered build context and returns a ``warning`` result that says how to build
-it elsewhere.
-
-``ctx.options`` may hold ``image_build_args`` (a mapping of Docker build args, e.g.
-``{"FLAGRELEASE_DEPS": "skip"}`` for offline builds on a base that ships vLLM) and
-``image_wheels_dir`` (a folder of wheels shipped in the context for offline installs).
+Builds go through the docker SDK to the engine :func:`flagrelease.services.ensure_engine`
+finds: ``$DOCKER_HOST`` when set, else the system engine, else (as root) flagrelease's
+own dockerd.  The build log is streamed line by line to the ``flagrelease.image``
+logger, which the Prefect task captures.  After a push the digest comes from the push
+response and is checked against the engine's ``RepoDigests``.
 """
 
 from __future__ import annotations
@@ -29,15 +20,11 @@ from typing import Any
 import docker
 from docker.errors import APIError, DockerException, ImageNotFound
 
-from flagrelease._atomic import atomic_dir
 from flagrelease._oci import ImageReference, parse_reference, parse_registry
 from flagrelease._redact import redact
-from flagrelease.config import ReleaseConfig
-from flagrelease.constants import docker_host, registry_credentials
-from flagrelease.errors import ConfigError, ImageError
-from flagrelease.image._dockerfile import base_image, image_labels, render_dockerfile, render_release, source_commit
-from flagrelease.pipeline import ReleaseContext, StageResult
-from flagrelease.render import image_reference
+from flagrelease.constants import registry_credentials
+from flagrelease.errors import ConfigError, ImageError, ServiceError
+from flagrelease.services import DEFAULT_DOCKER_HOST, ensure_engine
 
 __all__ = [
     "DEFAULT_DOCKER_HOST",
@@ -45,13 +32,10 @@ __all__ = [
     "build_image",
     "connect_engine",
     "engine_version",
-    "run_stage",
 ]
 
 log = logging.getLogger("flagrelease.image")
 
-#: Where the engine is looked for when ``$DOCKER_HOST`` is unset.
-DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
 _STEP = re.compile(r"^Step (\d+)/(\d+) :")
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _BUILD_TIMEOUT_S = 6 * 3600
@@ -90,37 +74,34 @@ class ImageBuildResult:
         return asdict(self)
 
 
-def _no_engine_message(where: str, err: Exception) -> str:
-    return (
-        f"no Docker engine answers at {where} ({redact(str(err))}). Start one (as root: `dockerd &`, or "
-        "`systemctl start docker`), or point DOCKER_HOST at a running engine "
-        f"(e.g. export DOCKER_HOST={DEFAULT_DOCKER_HOST}). To render the build context without building, "
-        "set image.on_missing_engine: keep-context or image.build: false."
-    )
-
-
 def connect_engine(*, base_url: str | None = None, timeout: float = _BUILD_TIMEOUT_S) -> docker.DockerClient:
-    """A client of a Docker engine that answers a ping.
+    """A client of a Docker engine that answers a ping, started by flagrelease when none runs.
+
+    The engine is :func:`flagrelease.services.ensure_engine`'s, held for the rest of this
+    process: ``$DOCKER_HOST`` (or ``base_url``) when set, else the system engine, else, as
+    root, flagrelease's own dockerd.
 
     Args:
-        base_url: the engine's address (default: ``$DOCKER_HOST``, else the local socket).
+        base_url: use this engine and no other.
         timeout: seconds a single API read may wait (builds print nothing for long stretches).
 
     Raises:
-        ImageError: no engine answers; the message names DOCKER_HOST and how to start dockerd.
+        ImageError: no engine answers and none can be started; the message says why and
+            names DOCKER_HOST and dockerd.
     """
-    where = base_url or docker_host() or DEFAULT_DOCKER_HOST
-    client: docker.DockerClient | None = None
     try:
-        if base_url:
-            client = docker.DockerClient(base_url=base_url, timeout=int(timeout))
-        else:
-            client = docker.from_env(timeout=int(timeout))
+        engine = ensure_engine(base_url=base_url, hold=True)
+    except ServiceError as err:
+        raise ImageError(
+            f"{err.message}. To render the build context without building, set image.on_missing_engine: "
+            "keep-context or image.build: false."
+        ) from err
+    client = engine.client(timeout=int(timeout))
+    try:
         client.ping()
     except DockerException as err:
-        if client is not None:
-            client.close()
-        raise ImageError(_no_engine_message(where, err)) from err
+        client.close()
+        raise ImageError(f"the Docker engine at {engine.base_url} stopped answering ({redact(str(err))})") from err
     return client
 
 
@@ -322,155 +303,3 @@ def build_image(
     finally:
         if own_client:
             engine.close()
-
-
-# -- the stage ---------------------------------------------------------------------------------
-def _model_path(ctx: ReleaseContext) -> str:
-    """The weights folder the image's configs and CMD serve."""
-    if ctx.config.serve.model_dir:
-        return ctx.config.serve.model_dir
-    try:
-        return str(ctx.result("convert").outputs["model_dir"])
-    except (ConfigError, KeyError):
-        return str(ctx.layout.converted_dir)
-
-
-def _ensure_base(client: docker.DockerClient, base: ImageReference) -> str | None:
-    """None when ``base`` is on the engine (pulled if need be), else why it is not."""
-    try:
-        client.images.get(str(base))
-        return None
-    except ImageNotFound:
-        pass
-    try:
-        log.info("pulling base image %s", base)
-        if base.digest:
-            client.images.pull(f"{base.repository}@{base.digest}")
-        else:
-            client.images.pull(base.repository, tag=base.tag or "latest")
-        return None
-    except (APIError, ImageNotFound) as err:
-        return redact(str(err))
-
-
-def _cannot_build(ctx: ReleaseContext, outputs: dict[str, Any], why: str, hint: str) -> StageResult:
-    cfg = ctx.config
-    if cfg.image.on_missing_engine == "fail":
-        raise ImageError(f"{why} {hint}", model=cfg.name, chip=cfg.chip)
-    log.warning("%s; keeping the rendered build context in %s", why, outputs["context_dir"])
-    build_cmd = f"docker build -t {outputs['image_ref']} {outputs['context_dir']}"
-    summary = (
-        f"Image not built: {why} The build context is kept in `{outputs['context_dir']}`; build it where "
-        f"an engine is available with `{build_cmd}` (image.on_missing_engine is keep-context)."
-    )
-    ctx.progress("image", 1.0, "build context kept; not built")
-    return StageResult(stage="image", summary=summary, outputs=outputs, status="warning")
-
-
-def _plan_summary(cfg: ReleaseConfig, outputs: dict[str, Any]) -> str:
-    push = f", push to {cfg.image.registry}" if cfg.image.push and cfg.image.registry else ""
-    return (
-        f"Would render `{cfg.chip_profile.dockerfile_template}` FROM `{outputs['base_image']}` into "
-        f"`{outputs['context_dir']}` and build `{outputs['image_ref']}`{push}."
-    )
-
-
-def run_stage(ctx: ReleaseContext) -> StageResult:
-    """Render the build context into ``layout.image_dir``, build it, push it.
-
-    Returns:
-        outputs: ``image_ref``, ``digest`` (or None), ``context_dir``, ``dockerfile``, ``built``,
-        ``pushed``, ``engine`` (or None), plus ``image_id``, ``base_image`` and ``labels``.
-        Status ``warning`` when the image could not be built here and
-        ``image.on_missing_engine`` is ``keep-context``.
-
-    Raises:
-        ImageError: the build or push failed, or no engine and ``on_missing_engine: fail``.
-        ConfigError: a config value cannot be rendered safely.
-    """
-    cfg, layout = ctx.config, ctx.layout
-    ref, base = image_reference(cfg), base_image(cfg)
-    context_dir = layout.image_dir
-    model_path = _model_path(ctx)
-    outputs: dict[str, Any] = {
-        "image_ref": str(ref),
-        "digest": None,
-        "context_dir": str(context_dir),
-        "dockerfile": str(context_dir / "Dockerfile"),
-        "built": False,
-        "pushed": False,
-        "engine": None,
-        "image_id": None,
-        "base_image": str(base),
-        "labels": image_labels(cfg, commit=source_commit()),
-    }
-    tables = {"labels": [{"label": k, "value": v} for k, v in outputs["labels"].items()]}
-    if ctx.dry_run:
-        render_dockerfile(cfg, model_path=model_path)  # checks every value, writes nothing
-        return StageResult(
-            stage="image", summary=_plan_summary(cfg, outputs), outputs=outputs, tables=tables, status="skipped"
-        )
-
-    ctx.progress("image", 0.02, "rendering the build context")
-    with atomic_dir(context_dir) as tmp:
-        render_release(cfg, out_dir=tmp, model_path=model_path, wheels_dir=ctx.options.get("image_wheels_dir"))
-    log.info("rendered the build context of %s in %s", ref, context_dir)
-    if not cfg.image.build:
-        ctx.progress("image", 1.0, "rendered; image.build is false")
-        return StageResult(
-            stage="image",
-            summary=f"Rendered the build context in `{context_dir}` (image.build is false: not built).",
-            outputs=outputs,
-            tables=tables,
-        )
-
-    try:
-        client = connect_engine()
-    except ImageError as err:
-        if cfg.image.on_missing_engine == "fail":
-            raise ImageError(err.message, model=cfg.name, chip=cfg.chip) from err
-        return _cannot_build(ctx, outputs, err.message, "")
-    try:
-        outputs["engine"] = engine_version(client)
-        ctx.progress("image", 0.05, f"checking base image {base}")
-        missing = _ensure_base(client, base)
-        if missing is not None:
-            return _cannot_build(
-                ctx,
-                outputs,
-                f"the base image {base} is not on the engine and cannot be pulled ({missing}).",
-                "Load it (docker load -i FILE, or docker pull from a registry you can reach) or set image.base.",
-            )
-
-        def on_line(line: str) -> None:
-            if m := _STEP.match(line):
-                step, total = int(m.group(1)), int(m.group(2))
-                ctx.progress("image", 0.05 + 0.8 * step / total, line[:120])
-
-        push = bool(cfg.image.push and cfg.image.registry)
-        build_args = {str(k): str(v) for k, v in (ctx.options.get("image_build_args") or {}).items()}
-        result = build_image(
-            context_dir, ref=str(ref), build_args=build_args, push=push, client=client, on_line=on_line
-        )
-    finally:
-        client.close()
-    outputs.update(
-        built=True,
-        pushed=result.pushed,
-        digest=result.digest,
-        image_id=result.image_id,
-        image_ref=result.ref,
-        labels=result.labels,
-    )
-    tables["labels"] = [{"label": k, "value": v} for k, v in sorted(result.labels.items())]
-    where = (
-        f"pushed as `{result.pushed_ref}`"
-        if result.pushed
-        else ("not pushed (image.push is false)" if not cfg.image.push else "not pushed (no image.registry configured)")
-    )
-    ctx.progress("image", 1.0, "built" + (" and pushed" if result.pushed else ""))
-    summary = (
-        f"Built `{result.ref}` ({result.image_id[:19]}) FROM `{base}` on {result.engine} in "
-        f"{result.duration_s:.0f}s; {where}."
-    )
-    return StageResult(stage="image", summary=summary, outputs=outputs, tables=tables)

@@ -83,6 +83,12 @@ _URL = re.compile(r"^https?://[A-Za-z0-9._~:/?#\[\]@!&()*+,;=%-]+$")
 _SHA = re.compile(r"^[0-9a-f]{40}$")
 
 
+_WHEELS_README = (
+    "Wheels put in this folder are installed offline by build/install.py (FLAGRELEASE_DEPS=auto),\n"
+    "instead of downloading the dependencies from the package index.\n"
+)
+
+
 def base_image(cfg: ReleaseConfig) -> ImageReference:
     """The image the Dockerfile starts FROM: ``image.base``, else the chip profile's."""
     if cfg.image.base:
@@ -335,7 +341,8 @@ def render_image_context(
         shutil.rmtree(dist)
     written.append(build_self_wheel(dist))
     wheels = build / "wheels"
-    wheels.mkdir(parents=True, exist_ok=True)
+    # A file keeps the folder in copies that drop empty folders (hubs, S3): the Dockerfile COPYs it.
+    written.append(atomic_write_text(wheels / "README.txt", _WHEELS_README))
     if wheels_dir is not None:
         for wheel in sorted(Path(wheels_dir).glob("*.whl")):
             written.append(atomic_copy(wheel, wheels / wheel.name))

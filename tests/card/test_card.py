@@ -276,7 +276,8 @@ def test_cli_card_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 
 # -- the card stage -------------------------------------------------------------------------------
 def test_card_stage_writes_card_and_valid_manifest(tmp_path: Path) -> None:
-    ctx = build_release(tmp_path, triton_share=0.713)
+    gems = {"gems_library": "flag_gems", "flag_gems_version": "2.2"}
+    ctx = build_release(tmp_path, triton_share=0.713, deploy=gems, image={"warning": "no Docker engine answers"})
     result = run_stage(ctx)
     lay = ctx.layout
     assert result.outputs["card"] == str(lay.card_path) and result.outputs["manifest"] == str(lay.manifest_path)
@@ -296,9 +297,12 @@ def test_card_stage_writes_card_and_valid_manifest(tmp_path: Path) -> None:
     assert "- Weights: 8-bit int, per channel, symmetric, static scales." in card
     assert "- Activations: 8-bit int, per token, symmetric, scales computed at run time." in card
     assert "Overall gate verdict: **consistent**." in card
-    assert "TBD" not in card and GATE_FAILED_MARKER not in card and "WARNING" not in card
+    assert "TBD" not in card and GATE_FAILED_MARKER not in card and "FAILED its consistency gate" not in card
+    # the image was not built here: a banner says so, above the introduction
+    banner = "**The image of this release was not pushed to a registry**: no Docker engine answers"
+    assert card.index(banner) < card.index("# Introduction")
     assert "Tiny-Qwen2-FlagOS-CPU-INT8 provides" in card
-    assert "not built by this release; build it from `image/Dockerfile` in this bundle" in card
+    assert "not built by this release; build it from `image` in this bundle" in card
     assert result.status == "ok" and result.tables["evaluation"][0]["Verdict"] == "consistent"
 
 

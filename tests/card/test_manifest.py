@@ -16,7 +16,7 @@ import pytest
 from flagrelease import __version__
 from flagrelease.bundle import load_manifest, manifest_schema, validate_manifest
 from flagrelease.card import run_stage as card_stage
-from flagrelease.card.manifest import build_manifest, bundle_name, stage_results
+from flagrelease.card.manifest import build_manifest, bundle_name, upstream_results
 from flagrelease.config import load_release
 from flagrelease.constants import REPO_ROOT
 from flagrelease.errors import PublishError
@@ -68,7 +68,7 @@ def test_manifest_from_the_config_alone_records_every_stage_as_not_run(tmp_path:
 
 
 def test_manifest_from_stage_results(tmp_path: Path) -> None:
-    ctx = build_release(tmp_path, triton_share=0.7, skip=("image",))
+    ctx = build_release(tmp_path, triton_share=0.7, skip=("image",), deploy={"gems_library": "flag_gems"})
     card_stage(ctx)
     lay = ctx.layout
     m = load_manifest(lay.manifest_path)
@@ -110,10 +110,11 @@ def test_manifest_from_stage_results(tmp_path: Path) -> None:
 
 def test_a_failed_gate_is_recorded_with_reasons(tmp_path: Path) -> None:
     ctx = build_release(tmp_path, verdict="inconsistent")
-    res = stage_results(ctx)
-    gate = json.loads(Path(res["gate"].outputs["results"]).read_text())
+    up = upstream_results(ctx)
+    assert up.gate is not None and up.gate.results
+    gate = json.loads(Path(up.gate.results).read_text())
     m = build_manifest(
-        ctx.config, bundle_dir=ctx.layout.bundle_dir, results=res, gate=gate, tools={"flagrelease": __version__}
+        ctx.config, bundle_dir=ctx.layout.bundle_dir, upstream=up, gate=gate, tools={"flagrelease": __version__}
     )
     assert m["gate"]["failed"] is True
     assert any("TinyArith (EM)" in r for r in m["gate"]["reasons"])
@@ -150,7 +151,9 @@ def test_tool_versions_ask_the_serving_interpreter_and_do_not_import_prefect(tmp
     code = textwrap.dedent(f"""
         import json, sys
         from flagrelease.card.manifest import tool_versions
-        v = tool_versions(deploy={{"runtime": {str(python)!r}, "flag_gems_version": "2.2"}})
+        from flagrelease.deploy.outputs import DeployOutputs
+        deploy = DeployOutputs(serve_dir="serve", python={str(python)!r}, flag_gems_version="2.2")
+        v = tool_versions(deploy=deploy)
         print(json.dumps({{"v": v, "prefect_imported": "prefect" in sys.modules}}))
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)

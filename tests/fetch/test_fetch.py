@@ -69,14 +69,14 @@ def _by_path(result: FetchResult) -> dict[str, Any]:
     ],
 )
 def test_hostile_names_are_rejected(tmp_path: Path, name: str) -> None:
-    from flagrelease.fetch._sources import safe_relpath
+    from flagrelease.fetch._names import safe_relpath
 
     with pytest.raises(FetchError, match="refusing hub file name"):
         safe_relpath(name, tmp_path)
 
 
 def test_names_through_a_symlinked_folder_are_rejected(tmp_path: Path) -> None:
-    from flagrelease.fetch._sources import safe_relpath
+    from flagrelease.fetch._names import safe_relpath
 
     dest, outside = tmp_path / "dest", tmp_path / "outside"
     dest.mkdir()

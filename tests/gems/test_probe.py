@@ -1,4 +1,4 @@
-"""Tests of the FlagGems operator probe (flagrelease/probe.py, flagrelease/_probe_worker.py).
+"""Tests of the FlagGems operator probe (flagrelease/gems/probe.py and its worker, flagrelease/gems/_probe_*.py).
 
 No machine here has a GPU: the real FlagGems path is checked for its clear ``skipped``
 verdict, and the whole probe (worker processes, logit comparison, crash and hang
@@ -20,12 +20,13 @@ import torch
 
 from flagrelease.cli import main
 from flagrelease.config import ReleaseConfig, parse_release
-from flagrelease.gems._probe_worker import kernel_stats, looks_like_triton_kernel
-from flagrelease.gems.probe import (
+from flagrelease.gems import (
     TINY_QWEN2_CONFIG,
     OpResult,
     ProbeReport,
     Tolerances,
+    kernel_stats,
+    looks_like_triton_kernel,
     probe_gems,
     run_isolated,
     run_probe_step,

@@ -34,7 +34,9 @@ Fault injection (for testing the bisection), ``inject="op[:mode]"``:
 - ``noise``: add Gaussian noise of 0.5 x the output's standard deviation (seeded);
 - ``zero``: return zeros;
 - ``shift``: for ``argmax``, return the next index (the only mode with integer outputs
-  besides ``zero``; ``scale`` and ``noise`` on ``argmax`` also shift).
+  besides ``zero``; ``scale`` and ``noise`` on ``argmax`` also shift);
+- ``slow``: compute the operator twice and keep one result: the same answers, from an
+  operator twice as slow (for testing the throughput gate: a planted slowdown).
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ __all__ = [
 ]
 
 #: Fault-injection modes; see the module docstring.
-INJECT_MODES = ("scale", "noise", "zero", "shift")
+INJECT_MODES = ("scale", "noise", "zero", "shift", "slow")
 _SCALE = 1.25
 
 
@@ -216,7 +218,10 @@ class OpLib:
                 if out is native:
                     return call_original(keyset, args, kwargs)
                 if self.inject is not None and self.inject[0] == op.name:
-                    out = self._broken(op, out, args, kwargs)
+                    if self.inject[1] == "slow":
+                        kernel(*args, **kwargs)  # the same work again: a 2x slower operator
+                    else:
+                        out = self._broken(op, out, args, kwargs)
             finally:
                 local.busy = False
             with self._lock:
