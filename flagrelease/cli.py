@@ -55,7 +55,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         # A folder of release configs holds its matrices in matrices/.
         files.extend(sorted(p.glob("*.yaml")) + matrix_files(p) if p.is_dir() else [p])
     matrices = [f for f in files if f.is_file() and is_matrix_file(f)]
-    results: dict[Path | str, ConfigError | None] = dict(validate_files([f for f in files if f not in matrices]))
+    results: dict[str, ConfigError | None] = {
+        str(path): err for path, err in validate_files([f for f in files if f not in matrices]).items()
+    }
     for m in matrices:  # the matrix itself, then each of its pairs (<file>#<chip>)
         results.update(validate_matrix(m))
     bad = 0
@@ -303,7 +305,7 @@ def _cmd_runtime(args: argparse.Namespace) -> int:
         from flagrelease.runtime import serve_python
 
         python = Path(args.python) if args.python else serve_python(args.chip, install=False)
-        print(record_vllm_args(python, **({"out_dir": Path(args.out)} if args.out else {})))
+        print(record_vllm_args(python, out_dir=Path(args.out)) if args.out else record_vllm_args(python))
         return 0
     from flagrelease.runtime import ensure_runtime
 

@@ -440,8 +440,11 @@ def _yaml_env_value(value: str) -> str | int:
     return int(value) if value.isdigit() and str(int(value)) == value else value
 
 
+_YAML_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def _check_yaml(text: str, name: str, expect: dict[tuple[Any, ...], Any]) -> None:
-    data = yaml.safe_load(text)
+    data = yaml.load(text, Loader=_YAML_LOADER)  # a safe loader
     for path, want in expect.items():
         node = data
         for key in path:

@@ -88,7 +88,7 @@ def run_pair(deployment: str, *, chip: str, matrix: str, force: bool = False) ->
     except ObjectNotFound:
         message = f"no deployment {name}: register it with `flagrelease deploy`"
         logger.error("%s", message)
-        return asdict(PairOutcome(chip=chip, state="NOT_RUN", message=message))
+        return asdict(PairOutcome(chip=chip, state="NOT_STARTED", message=message))
     state = run.state
     kind = state.type.value if state is not None else "UNKNOWN"
     message = "" if kind in _DONE else redact(str(state.message or "")) if state is not None else "no final state"
@@ -110,9 +110,10 @@ def _secret(name: str) -> str | None:
 def collect(matrix_path: str, outcomes: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Build the support table and the collection card from the pairs' manifests, and publish them."""
     matrix = load_matrix(Path(matrix_path))
-    table = support_table(matrix, {c: PairOutcome(**o) for c, o in outcomes.items()})
+    creds = credentials_from_secrets(_secret)
+    table = support_table(matrix, {c: PairOutcome(**o) for c, o in outcomes.items()}, credentials=creds)
     collection = build_collection(matrix, table=table)
-    publish_collection(matrix, collection, credentials=credentials_from_secrets(_secret))
+    publish_collection(matrix, collection, credentials=creds)
     create_table_artifact(
         table_rows(table), key=_key("matrix", matrix.name, "support"), description=f"{matrix.name}: support table"
     )

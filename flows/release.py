@@ -123,25 +123,34 @@ def _run_stages(
     force: bool,
     options: dict[str, Any],
 ) -> dict[str, dict[str, Any]]:
-    """Start each stage as soon as the stages it needs are done, and wait for all of them.
+    """Run the stages in order, starting a later stage beside the current one once its inputs are done.
 
     The image needs only the fetch (``STAGE_INPUTS``), so it runs beside the convert; a
     live reference on another chip is started first, on its own pool, and the eval waits
-    for it.  The first stage (in pipeline order) that failed raises, as in a sequential run.
+    for it.  Stages run in this thread (where their timeouts hold) unless started early in
+    a worker thread.  The first stage (in pipeline order) that failed raises, as before.
     """
-    futures: dict[str, PrefectFuture[dict[str, Any]]] = {}
-    ref = reference.submit(config, force=force) if remote_reference else None
-    for stage in wanted:
-        needs = {s: futures[s] for s in STAGE_INPUTS[stage] if s in futures}
-        wait = [ref] if stage == "eval" and ref is not None else []
-        futures[stage] = STAGE_TASKS[stage].submit(
-            config, needs, dry_run=dry_run, force=force, options=options, wait_for=wait
-        )
+
+    def args(stage: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        upstream = {s: results[s] for s in STAGE_INPUTS[stage] if s in results}
+        return (config, upstream), {"dry_run": dry_run, "force": force, "options": options}
+
     results: dict[str, dict[str, Any]] = {}
-    for stage in wanted:
+    early: dict[str, PrefectFuture[dict[str, Any]]] = {}
+    ref = reference.submit(config, force=force) if remote_reference else None
+    for i, stage in enumerate(wanted):
         if stage == "eval" and ref is not None:
             results["reference"] = ref.result()
-        results[stage] = futures[stage].result()
+        if stage in early:
+            results[stage] = early[stage].result()
+            continue
+        for later in wanted[i + 1 :]:
+            inputs = [s for s in STAGE_INPUTS[later] if s in wanted]
+            if later not in early and all(s in results for s in inputs):
+                a, kw = args(later)
+                early[later] = STAGE_TASKS[later].submit(*a, **kw)
+        a, kw = args(stage)
+        results[stage] = STAGE_TASKS[stage](*a, **kw)
     return results
 
 

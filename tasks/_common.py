@@ -41,6 +41,7 @@ from flagrelease.pipeline import (
     stage_fingerprint,
 )
 from flagrelease.retry import classify
+from tasks import _secrets  # noqa: F401  (registers the Prefect Secret block resolver)
 from tasks._limits import hold_accelerators
 
 __all__ = ["build_context", "stage_task"]

@@ -50,14 +50,16 @@ def test_each_stage_summary_is_logged_once(demo_run: DemoRun) -> None:
 
 @pytest.mark.vllm
 def test_demo_without_prefect_prints_no_api_log_warnings(demo_run: DemoRun, prefect_server: PrefectServer) -> None:
-    """The demo's stages are all done, so the run reuses them; each reuse is a flagrelease log record."""
+    """The demo's stages are done, so the run mostly reuses them; each stage logs outside any flow run."""
     env = prefect_server.env(FLAGRELEASE_CONFIGS=str(demo_run.config.parent))
     for name in PREFECT_ENV_DEFAULTS:  # flagrelease itself must set them, not this test process
         env.pop(name, None)
     proc = subprocess.run([FLAGRELEASE, "demo", "--no-prefect"], env=env, capture_output=True, text=True, timeout=900)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
-    assert _console_text(output).count(_squash("unchanged since its last run, reusing its result")) >= 5, output
+    text = _console_text(output)
+    for stage in STAGES:  # a flagrelease log record per stage, outside any flow run
+        assert f"{stage}:unchangedsinceitslastrun" in text or f"{stage}:starting" in text, (stage, output[-4000:])
     assert API_WARNING not in output and "without a flow run id" not in output, output[-4000:]
 
 

@@ -263,6 +263,7 @@ def test_collection_card_has_the_reference_column_and_one_column_per_chip(seed_t
     header = [c.strip() for c in bench[0].strip("|").split("|")]
     assert header[:3] == ["Metrics", "DeepSeek-R1-H100-CUDA", "DeepSeek-R1-FlagOS-NVIDIA"]
     assert header[3] == "DeepSeek-R1-FlagOS-Iluvatar-INT8" and len(header) == 2 + len(matrix.pairs)
+    assert "DeepSeek-R1-FlagOS-MetaX" in header  # a chip with no bundle yet: its label from its config
     assert bench[1].startswith("| :---")
     gsm = [c.strip() for c in bench[2].strip("|").split("|")]
     assert gsm[:4] == ["GSM8K (EM)", "95.75", "95.75", "95.53 (inconclusive)"]
@@ -298,3 +299,26 @@ def test_a_local_bundle_url_is_relative_to_the_collection(tmp_path: Path) -> Non
     (row,) = table["rows"]
     assert row["bundle_url"] == "cpu/" and row["status"] == "released"
     assert not any(str(tmp_path) in json.dumps(v) for k, v in row.items() if k != "message")
+
+
+def test_a_pair_published_elsewhere_is_read_from_its_s3_prefix(
+    tmp_path: Path, s3_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pair ran on another machine and published to S3 only: its manifest is downloaded from there."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "matrix-unit-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "matrix-unit-secret")
+    bucket = s3_server.create_bucket("pairs")
+    s3 = {"bucket": bucket, "endpoint_url": s3_server.endpoint_url}
+    data = _tiny(tmp_path, cpu={}, **{"nvidia-h100": {}})
+    data["release"]["publish"] = {"s3": {**s3, "prefix": "tiny/{chip}"}}
+    data["collection"]["publish"] = {"s3": {**s3, "prefix": "tiny"}}
+    matrix = load_matrix(_write_matrix(tmp_path, data))
+    bundle = _bundle(matrix.pair("cpu"), tmp_path / "another-machine", None)
+    s3_server.client().put_object(Bucket=bucket, Key="tiny/cpu/flagrelease.json", Body=bundle.read_bytes())
+    table = support_table(matrix)
+    rows = {r["chip"]: r for r in table["rows"]}
+    assert rows["cpu"]["status"] == "released" and rows["cpu"]["bundle_url"] == f"s3://{bucket}/tiny/cpu"
+    assert rows["nvidia-h100"]["status"] == "missing"
+    assert (matrix.work_dir / "manifests" / "cpu.json").read_bytes() == bundle.read_bytes()
+    published = publish_collection(matrix, build_collection(matrix, table=table)).summary()
+    assert published == f"s3 s3://{bucket}/tiny: 3 uploaded, 0 unchanged"

@@ -9,6 +9,7 @@ the top.  The template is ``templates/card/README.md.j2`` (Jinja2, StrictUndefin
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -73,13 +74,14 @@ def _context(cfg: ReleaseConfig, manifest: Mapping[str, Any], bundle_dir: Path) 
         "front_matter": text.front_matter(cfg, manifest),
         "gate": manifest["gate"],
         "image_warning": manifest["image"]["warning"],
-        "bundle_name": manifest["release"]["bundle_name"],
-        "model_name": cfg.model.name,
+        # Names from the config are prose here: escaped so that they render as written.
+        "bundle_name": render.markdown_text(manifest["release"]["bundle_name"]),
+        "model_name": render.markdown_text(cfg.model.name),
         "chip": chip,
         "cpu_chip": chip.accelerator.value == "cpu",
         "vendor_vllm": chip.vllm_package == "vendor",
         "reference_chip": load_chip(cfg.eval.reference.chip),
-        "labels": {"reference": manifest["eval"]["reference"]["label"], "target": manifest["eval"]["target"]["label"]},
+        "labels": {k: render.markdown_text(manifest["eval"][k]["label"]) for k in ("reference", "target")},
         "prebuilt_image": howto.prebuilt(manifest),
         "verified_weights": bool(manifest["weights"]["published"] and manifest["weights"]["verified"]),
         "feature_count": 3 if quant else 2,
@@ -113,8 +115,14 @@ def _context(cfg: ReleaseConfig, manifest: Mapping[str, Any], bundle_dir: Path) 
 
 
 def _environment() -> jinja2.Environment:
+    return _card_environment(templates_dir() / "card")
+
+
+@functools.lru_cache(maxsize=4)
+def _card_environment(folder: Path) -> jinja2.Environment:
+    """One environment per template folder: Jinja keeps the compiled template (and reloads it when it changes)."""
     env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(templates_dir() / "card")),
+        loader=jinja2.FileSystemLoader(str(folder)),
         undefined=jinja2.StrictUndefined,
         autoescape=False,  # Markdown, not HTML
         trim_blocks=True,

@@ -71,11 +71,11 @@ def _join(words: Sequence[str]) -> str:
     return " ".join(_word(w) for w in words)
 
 
-def _grouped(words: Sequence[str]) -> list[str]:
-    """``words`` split before each option, so each option and its values are one line."""
+def _grouped(words: Sequence[str], *, short: bool = True) -> list[str]:
+    """``words`` split before each option (``--long`` only, unless ``short``), one option and its values a line."""
     groups: list[list[str]] = [[]]
     for w in words:
-        if w.startswith("-") and groups[-1]:
+        if w.startswith("--" if not short else "-") and groups[-1]:
             groups.append([])
         groups[-1].append(w)
     return [_join(g) for g in groups if g]
@@ -310,11 +310,11 @@ def _command(cfg: ReleaseConfig, manifest: Mapping[str, Any], entry: Mapping[str
     argv = list(entry["argv"])
     if entry["image"]:
         docker = _docker_words(cfg, manifest, entry, argv, name=name)
-        return _continued([*_grouped(docker), _word(str(entry["image"])), *_grouped(argv)])
+        return _continued([*_grouped(docker), _word(str(entry["image"])), *_grouped(argv, short=False)])
     if entry.get("container"):
         exec_words = ["docker", "exec", str(entry["container"]), "env", *_env_words(entry["env"], docker=False)]
-        return _continued([_join(exec_words), *_grouped(argv)])
-    return _continued([*_env_words(entry["env"], docker=False), *_grouped(argv)])
+        return _continued([_join(exec_words), *_grouped(argv, short=False)])
+    return _continued([*_env_words(entry["env"], docker=False), *_grouped(argv, short=False)])
 
 
 def _bundle_steps(cfg: ReleaseConfig, manifest: Mapping[str, Any]) -> list[str]:

@@ -45,7 +45,8 @@ PLACEHOLDERS: dict[str, str] = {
 _MAX_TEXT_BYTES = 64 << 20
 _TRIVIAL = {"/", "/tmp", "/usr", "/opt", "/var"}
 #: A folder ends where the next character cannot continue its last name.
-_START, _END = r"(?<![\w.-])", r"(?![\w-])"
+#: A folder is replaced wherever it starts (output glued to a path is common in logs).
+_START, _END = "", r"(?![\w-])"
 
 
 @dataclass(frozen=True)

@@ -179,7 +179,16 @@ def eval_notes(manifest: Mapping[str, Any], cfg: ReleaseConfig) -> list[str]:
     ev = manifest["eval"]
     notes: list[str] = []
     tested = [r for r in ev["rows"] if r.get("test")]
-    if tested:
+    unpaired = [r for r in tested if r.get("unpaired")]
+    if unpaired:
+        powers = ", ".join(f"{r['label']} {float(r['power']):.0%}" for r in unpaired if r.get("power") is not None)
+        notes.append(
+            "Scores are percentages. The reference is published scores without per-item data, so each row is "
+            "*unpaired*: the two scores are compared as independent samples (two one-sided tests of two "
+            f"proportions, margin ±{ev['margin']:g} points, alpha {ev['alpha']:g}), which decides far less than an "
+            "item-by-item comparison" + (f" (power to show equivalence: {powers})." if powers else ".")
+        )
+    elif tested:
         tests = sorted({str(r["test"]) for r in tested})
         n_items = [int(r["n_items"]) for r in tested if r.get("n_items")]
         notes.append(
@@ -195,12 +204,23 @@ def eval_notes(manifest: Mapping[str, Any], cfg: ReleaseConfig) -> list[str]:
         )
     else:
         notes.append("Scores are percentages.")
+    if any(r.get("rule") == "relative" for r in tested):
+        g = cfg.gates
+        notes.append("")
+        notes.append(
+            f"Verdicts follow FlagRelease's relative rule: a row is *consistent* when the target scores at most "
+            f"{g.relative_margin:g}% (of the reference's score) below the reference; a gap of at most "
+            f"{g.noise_zone_items} questions on at most {g.noise_zone_max_n} means retest (*inconclusive*)."
+        )
     verdict = ev["verdict"]
     if verdict:
         notes.append("")
         notes.append(f"Overall gate verdict: **{verdict}**.")
     thr = ev.get("throughput") or {}
-    if thr.get("gems_on_tok_s") is not None and thr.get("gems_off_tok_s") is not None:
+    if thr.get("ratio_ci"):
+        notes.append("")
+        notes.extend(_throughput_trials(thr, lib))
+    elif thr.get("gems_on_tok_s") is not None and thr.get("gems_off_tok_s") is not None:
         ok = "passes" if thr.get("ok") else "fails"
         notes.append("")
         notes.append(
@@ -219,6 +239,31 @@ def eval_notes(manifest: Mapping[str, Any], cfg: ReleaseConfig) -> list[str]:
             + "."
         )
     return notes
+
+
+def _throughput_trials(thr: Mapping[str, Any], lib: str) -> list[str]:
+    """The throughput verdict with its interval, and every trial, round by round."""
+    settings = thr.get("settings") or {}
+    lo, hi = (float(x) for x in thr["ratio_ci"])
+    lines = [
+        f"Throughput with {lib} on versus off, measured in {thr['rounds']} interleaved rounds (each round runs both, "
+        f"in alternating order, {settings.get('requests', '?')} requests at concurrency "
+        f"{settings.get('concurrency', '?')} with {settings.get('max_tokens', '?')} output tokens each, after a "
+        f"warm-up): ratio {float(thr['ratio']):.2f}, {float(thr['ci_level']) * 100:g}% confidence interval "
+        f"[{lo:.2f}, {hi:.2f}], minimum {float(thr['min_ratio']):.2f}: **{thr['verdict']}**.",
+        "",
+        f"| Round | {lib} on (tokens/s) | off (tokens/s) | On / off |",
+        "| ---: | ---: | ---: | ---: |",
+    ]
+    arms = thr.get("arms") or {"on": "target", "off": "target_gems_off"}
+    by_round: dict[int, dict[str, float]] = {}
+    for t in thr.get("trials") or []:
+        by_round.setdefault(int(t["round"]), {})[str(t["arm"])] = float(t["tok_s"])
+    for rnd, got in sorted(by_round.items()):
+        on, off = got.get(arms["on"]), got.get(arms["off"])
+        ratio = f"{on / off:.2f}" if on and off else "-"
+        lines.append(f"| {rnd + 1} | {on or 0:.1f} | {off or 0:.1f} | {ratio} |")
+    return lines
 
 
 def front_matter(cfg: ReleaseConfig, manifest: Mapping[str, Any]) -> str:
@@ -252,7 +297,7 @@ def front_matter(cfg: ReleaseConfig, manifest: Mapping[str, Any]) -> str:
 
 def license_text(cfg: ReleaseConfig) -> str:
     """The license sentence at the end of the card."""
-    name = _LICENSES.get(cfg.model.license.lower(), cfg.model.license)
+    name = _LICENSES.get(cfg.model.license.lower()) or markdown_text(cfg.model.license)
     text = f"The weights of this model are based on {cfg.model.repo_id} and are open-sourced under the {name} License"
     return text + (f": {cfg.model.license_url}." if cfg.model.license_url else ".")
 
@@ -267,8 +312,8 @@ def quant_text(cfg: ReleaseConfig, manifest: Mapping[str, Any]) -> dict[str, str
     return {
         "name": name,
         "section": section,
-        "intro": intro.format(model=model),
-        "description": description.format(model=model),
+        "intro": intro.format(model=markdown_text(model)),
+        "description": description.format(model=markdown_text(model)),
     }
 
 

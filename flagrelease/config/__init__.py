@@ -31,6 +31,7 @@ from flagrelease.config._model import ConvertSection, ImageSection, ModelSection
 from flagrelease.config._publish import PublishSection, S3Target
 from flagrelease.config._release import ReleaseConfig
 from flagrelease.config._serve import EngineArgs, FlagGemsSection, LoadTestSettings, Node, ServeSection
+from flagrelease.config._yaml import read_yaml as read_config_file
 
 __all__ = [
     "ConvertMode",
@@ -59,6 +60,7 @@ __all__ = [
     "engine_arg_problems",
     "load_release",
     "parse_release",
+    "read_config_file",
     "record_vllm_args",
     "recorded_vllm_versions",
     "validate_files",

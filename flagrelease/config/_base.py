@@ -83,6 +83,8 @@ def _field_kind(model: type[BaseModel], name: str) -> tuple[str | None, bool]:
     args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ()
     kinds = {a for a in (args or (annotation,)) if a is not type(None)}
     walk = not _mentions_model(annotation)
+    if kinds == {bool}:
+        return "bool", walk
     if kinds == {int}:
         return "int", walk
     if kinds in ({float}, {int, float}):
@@ -113,7 +115,10 @@ def check_input(model: type[BaseModel], value: Any, info: ValidationInfo) -> Any
     """The checks every config field gets before pydantic's own (see the module docstring)."""
     name = info.field_name or "value"
     kind, walk = _field_kind(model, name)
-    if kind is not None and value is not None:
+    if kind == "bool":
+        if value is not None and not isinstance(value, bool):
+            raise ValueError(f"must be true or false, not {value!r}"[:120])
+    elif kind is not None and value is not None:
         noun = "an integer" if kind == "int" else "a number"
         if isinstance(value, bool):
             raise ValueError(f"must be {noun}, not {str(value).lower()}")

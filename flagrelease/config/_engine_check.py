@@ -118,9 +118,7 @@ def record_vllm_args(python: Path, *, out_dir: Path = VLLM_ARGS_DIR, timeout_s: 
     """
     code = _RECORDER.read_text(encoding="utf-8")
     try:
-        proc = subprocess.run(
-            [str(python), "-c", code], capture_output=True, text=True, timeout=timeout_s, check=False
-        )
+        proc = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=timeout_s, check=False)
     except (OSError, subprocess.TimeoutExpired) as err:
         raise RuntimeSetupError(f"cannot run {python} to read vLLM's arguments: {err}") from err
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]

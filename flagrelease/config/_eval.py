@@ -144,14 +144,14 @@ class EvalSection(_Strict):
 class ThroughputGate(_Strict):
     """How the FlagGems on/off throughput is measured: interleaved trials, after a warm-up."""
 
-    trials: int = Field(default=8, ge=2, description="Rounds; each measures both arms once, alternating the order.")
-    requests: int = Field(default=16, ge=1, description="Requests per trial.")
+    trials: int = Field(default=8, ge=4, description="Rounds; each measures both arms once, alternating the order.")
+    requests: int = Field(default=8, ge=1, description="Requests per trial.")
     concurrency: int | None = Field(default=None, ge=1, description="Requests in flight (default eval.concurrency).")
-    max_tokens: int = Field(default=64, ge=1, description="Output tokens of every request (ignore_eos).")
-    warmup_requests: int = Field(default=8, ge=0, description="Requests sent to each arm before the first trial.")
+    max_tokens: int = Field(default=32, ge=1, description="Output tokens of every request (ignore_eos).")
+    warmup_requests: int = Field(default=8, ge=0, description="Requests sent to each arm after it is served.")
     servers: Literal["auto", "both", "alternate"] = Field(
         default="auto",
-        description="both: both arms served at once; alternate: one at a time, re-served per trial; "
+        description="both: both arms served at once; alternate: one at a time, in four servings (A B B A); "
         "auto: both on the cpu chip, alternate elsewhere.",
     )
     timeout_s: float = Field(default=300, gt=0)

@@ -165,11 +165,7 @@ def check_s3_prefix(value: str) -> str:
     """An S3 key prefix: S3's safe characters, no empty or ``..`` segments; slashes at the ends dropped."""
     value = value.strip("/")
     parts = value.split("/")
-    if (
-        not _S3_KEY_CHARS.match(value)
-        or (value and any(p in ("", ".", "..") for p in parts))
-        or len(value) > 512
-    ):
+    if not _S3_KEY_CHARS.match(value) or (value and any(p in ("", ".", "..") for p in parts)) or len(value) > 512:
         raise ValueError(
             f"prefix {value!r} must be a plain key prefix: letters, digits and !_.*'()/- only, "
             "no empty, '.' or '..' segments, 512 characters at most"

@@ -22,7 +22,7 @@ __all__ = ["load_release", "parse_release", "validate_files"]
 def _format_errors(path: str, err: ValidationError) -> list[tuple[str, str]]:
     out = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        loc = ".".join(str(p)[:64] for p in e["loc"]) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown field (check its spelling and section)"

@@ -261,6 +261,7 @@ class ServeSection(_Strict):
     flaggems: FlagGemsSection = Field(default_factory=FlagGemsSection)
     envs: dict[str, str | SecretRef] = Field(
         default_factory=dict,
+        max_length=256,
         description="Serving environment; a secret is given as {secret: NAME}, read from the environment at run time.",
     )
     before_start: list[str] = Field(default_factory=list)

@@ -30,7 +30,7 @@ MAX_VALUES = 100_000
 #: The most aliases (``*name``) in one document.
 MAX_ALIASES = 256
 
-_Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # type: ignore[assignment]
+_Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 @dataclass
@@ -48,6 +48,12 @@ class _Problem(Exception):
     def __init__(self, where: str, line: int, message: str) -> None:
         super().__init__(message)
         self.where, self.line, self.message = where, line, message
+
+
+def _line(event: Any) -> int:
+    """The 1-based line an event starts on."""
+    mark = getattr(event, "start_mark", None)
+    return int(mark.line) + 1 if mark is not None else 0
 
 
 def _path(stack: list[_Frame]) -> str:
@@ -79,7 +85,7 @@ def _shape_check(text: str, *, stop_at: tuple[int, int] | None = None) -> str:
         if parent.kind == "seq":
             parent.index += 1
         elif parent.expecting_key:
-            line = event.start_mark.line + 1
+            line = _line(event)
             if scalar_key is not None and scalar_key != "<<":
                 if scalar_key in parent.keys:
                     where = _path([*stack[:-1], _Frame("map", 0, None, key=scalar_key)])
@@ -101,7 +107,7 @@ def _shape_check(text: str, *, stop_at: tuple[int, int] | None = None) -> str:
         if total > MAX_VALUES:
             raise _Problem(
                 _path(stack),
-                event.start_mark.line + 1,
+                _line(event),
                 f"the document expands to more than {MAX_VALUES} values (anchors and aliases included); "
                 "write the values out, or use fewer aliases",
             )
@@ -120,14 +126,14 @@ def _shape_check(text: str, *, stop_at: tuple[int, int] | None = None) -> str:
             begin_node(event, scalar_key=None)
             aliases += 1
             if aliases > MAX_ALIASES:
-                raise _Problem(_path(stack), event.start_mark.line + 1, f"more than {MAX_ALIASES} aliases")
+                raise _Problem(_path(stack), _line(event), f"more than {MAX_ALIASES} aliases")
             count(sizes.get(event.anchor or "", 1), event)
         elif isinstance(event, yaml.MappingStartEvent | yaml.SequenceStartEvent):
             begin_node(event, scalar_key=None)
             if len(stack) >= MAX_DEPTH:
                 raise _Problem(
                     _path(stack),
-                    event.start_mark.line + 1,
+                    _line(event),
                     f"nested deeper than {MAX_DEPTH} levels; a release config is a few levels deep",
                 )
             count(1, event)

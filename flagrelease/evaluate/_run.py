@@ -157,7 +157,7 @@ def _raise_runner_error(
     probe: dict[str, Any] | None = None,
 ) -> None:
     kind = error.get("kind", "internal")
-    message = error.get("message", "")
+    message = error.get("message", "").removeprefix("TruncatedAnswers: ")
     if kind == "internal" and "Loglikelihood is not supported for chat completions" in message:
         raise EvalError(
             f"[{variant}] a multiple-choice task was sent to the chat endpoint; give it `kind: loglikelihood` "

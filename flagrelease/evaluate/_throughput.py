@@ -12,16 +12,18 @@ benchmark, off and off) the way a noisy machine needs:
   same prompt, exactly ``max_tokens`` output tokens each (``ignore_eos``).
 
 Both arms are served at once (``servers: both``; only one is ever under load), or one at
-a time, re-served for every trial (``alternate``: for chips where two servers do not
-fit).  Every trial is recorded; the verdict (a bootstrap interval of the ratio) is the
-gate's (:mod:`flagrelease.gate.stats`).  The load itself is one level of the deploy
-stage's load test, lent by the pipeline.
+a time (``alternate``, for chips where two servers do not fit): four servings in the
+order A B B A, each running half the rounds' trials of its arm, so that a linear drift
+still cancels while the model is loaded only four times.  Every trial is recorded; the
+verdict (a bootstrap interval of the ratio) is the gate's (:mod:`flagrelease.gate.stats`).
+The load itself is one level of the deploy stage's load test, lent by the pipeline.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
@@ -144,7 +146,8 @@ def measure_interleaved(
     Returns:
         ``arms`` (``{"a": name, "b": name}``), ``servers``, ``settings``, ``trials`` (one
         dict per trial: round, position, arm, tok_s, requests, ok, output_tokens,
-        duration_s, at_s) and ``seconds`` (wall time, serving included).
+        duration_s, at_s) and ``seconds`` (wall time, serving included).  ``alternate``
+        runs an even number of rounds (``trials`` rounded up).
 
     Raises:
         EvalError: an arm failed every request of a trial.
@@ -197,11 +200,14 @@ def measure_interleaved(
                 for position, arm in enumerate(order(rnd)):
                     trial(endpoints[arm.name], arm, rnd, position)
     elif servers == "alternate":
-        for rnd in range(settings.trials):
-            for position, arm in enumerate(order(rnd)):
+        half = math.ceil(settings.trials / 2)
+        total = 4 * half
+        for block in range(2):
+            for position, arm in enumerate(order(block)):
                 with arm.serve() as endpoint:
                     warm(endpoint)
-                    trial(endpoint, arm, rnd, position)
+                    for j in range(half):
+                        trial(endpoint, arm, block * half + j, position)
     else:
         raise ValueError(f"servers must be 'both' or 'alternate', got {servers!r}")
     log.info(

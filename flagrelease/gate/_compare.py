@@ -59,13 +59,18 @@ class Rule:
         if self.kind not in ("absolute", "relative"):
             raise GateError(f"unknown gate rule {self.kind!r}; rules: absolute, relative")
 
-    def apply(self, row: GateRow) -> None:
-        """Replace ``row``'s verdict by the relative rule's (absolute: leave it)."""
-        if self.kind != "relative" or row.reference is None or row.target is None:
+    def apply(self, row: GateRow, *, reference: float, target: float) -> None:
+        """Replace ``row``'s verdict by the relative rule's (absolute: leave it).
+
+        Args:
+            row: the row, with its statistics.
+            reference, target: the two scores as fractions, unrounded.
+        """
+        if self.kind != "relative":
             return
         verdict, drop, note = relative_verdict(
-            row.reference / 100,
-            target=row.target / 100,
+            reference,
+            target=target,
             n_items=row.n_items,
             max_drop=self.relative_margin / 100,
             noise_items=self.noise_items,
@@ -195,7 +200,7 @@ def compare_benchmark(
             f"compared on the {len(keys)} items both sides ran ({row.unmatched['reference_only']} only in "
             f"the reference, {row.unmatched['target_only']} only in the target)"
         )
-    (rule or Rule()).apply(row)
+    (rule or Rule()).apply(row, reference=cmp.reference, target=cmp.target)
     return row
 
 
@@ -414,7 +419,7 @@ def gate_scores(
             + (f" whose item count is unknown (taken as the target's {cmp.n_items})" if cmp.reference_n_assumed else "")
             + f"; power to show equivalence {cmp.power:.0%}"
         )
-        (rule or Rule()).apply(row)
+        (rule or Rule()).apply(row, reference=published.score / 100, target=cmp.target)
         rows.append(row)
     return GateReport(
         reference_label=reference_label or reference.label or reference.path.stem,

@@ -117,7 +117,7 @@ def tost_power(*, se: float, margin: float, alpha: float, diff: float = 0.0) -> 
     if se <= 0:
         return 1.0 if abs(diff) < margin else 0.0
     z = z_quantile(1 - alpha)
-    return float(max(0.0, sps.norm.cdf((margin - diff) / se - z) - sps.norm.sf((-margin - diff) / se + z)))
+    return float(max(0.0, sps.norm.cdf((margin - diff) / se - z) - sps.norm.cdf((-margin - diff) / se + z)))
 
 
 def agresti_min_interval(b: int, *, c: int, n: int, confidence: float = 0.90) -> tuple[float, float, float, float]:

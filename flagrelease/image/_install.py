@@ -5,7 +5,8 @@ arguments, so no config value ever passes through a shell.  It uses the standard
 only and runs on the base image's Python (3.8 or later).
 
 Subcommands:
-    pip [--no-deps] REQUIREMENT...   install packages; honours the FLAGRELEASE_DEPS build arg
+    pip [--no-deps] REQUIREMENT...   install packages (none when every NAME==VERSION is installed
+                                     already); honours the FLAGRELEASE_DEPS build arg
     self WHEEL                       install flagrelease itself (--no-deps, offline) and check its plugin
     user NAME UID                    add an unprivileged user with a home folder
 
@@ -43,6 +44,19 @@ def _pip(args: list[str]) -> None:
     subprocess.run(cmd, check=True, env=env)
 
 
+def _installed(requirement: str) -> bool:
+    """Whether ``NAME==VERSION`` is installed exactly (a base made from a serving runtime ships it)."""
+    from importlib import metadata
+
+    name, sep, version = requirement.partition("==")
+    if not sep or not version or any(c in version for c in ",;<>!~*"):
+        return False
+    try:
+        return metadata.version(name.split("[", 1)[0]) == version
+    except metadata.PackageNotFoundError:
+        return False
+
+
 def cmd_pip(argv: list[str]) -> int:
     """Install requirements, or skip them when FLAGRELEASE_DEPS=skip."""
     mode = os.environ.get("FLAGRELEASE_DEPS", "auto") or "auto"
@@ -56,6 +70,9 @@ def cmd_pip(argv: list[str]) -> int:
         return 2
     if mode == "skip":
         print(f"FLAGRELEASE_DEPS=skip: not installing {' '.join(reqs)}", flush=True)
+        return 0
+    if all(_installed(r) for r in reqs):
+        print(f"already installed in the base image: {' '.join(reqs)}", flush=True)
         return 0
     opts = ["--no-deps"] if no_deps else []
     if WHEELS.is_dir() and any(WHEELS.glob("*.whl")):

@@ -26,11 +26,11 @@ from flagrelease.matrix._config import (
     split_pair_reference,
     validate_matrix,
 )
+from flagrelease.matrix._manifests import find_manifest
 from flagrelease.matrix._publish import Collection, build_collection, publish_collection
 from flagrelease.matrix._table import (
     SUPPORT_NAME,
     PairOutcome,
-    find_manifest,
     support_schema,
     support_table,
     table_rows,

@@ -48,19 +48,14 @@ def _num(value: Any) -> str:
     return TBD if value is None else f"{float(value):.2f}"
 
 
-def _column_label(row: Mapping[str, Any], model: str) -> str:
-    return str(row.get("label") or f"{model}-FlagOS-{row['card_name']}")
-
-
 def benchmark_table(table: Mapping[str, Any]) -> tuple[str, list[str]]:
     """The benchmark table (Markdown) and its notes.
 
     Rows are benchmarks; columns the reference(s) and then each chip.  A chip's score is
     followed by its verdict when that is not ``consistent``; a missing score is ``TBD``.
     """
-    model = table["model"]["display_name"]
-    refs = table["references"] or [{"label": f"{model}-H100-CUDA", "chip": "nvidia-h100", "scores": {}}]
-    headers = ["Metrics", *(r["label"] for r in refs), *(_column_label(r, model) for r in table["rows"])]
+    refs = table["references"]
+    headers = ["Metrics", *(r["label"] for r in refs), *(str(r["label"]) for r in table["rows"])]
     rows = []
     flagged = False
     for bench in table["benchmarks"]:

@@ -22,11 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from flagrelease.chips import ChipProfile, list_chips, load_chip
-from flagrelease.config import ReleaseConfig, S3Target, parse_release
+from flagrelease.config import ReleaseConfig, S3Target, parse_release, read_config_file
 from flagrelease.errors import ConfigError
 
 __all__ = [
@@ -227,12 +226,7 @@ def split_pair_reference(reference: Path | str) -> tuple[Path, str] | None:
 def _read(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: no such matrix file", path=str(path))
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise ConfigError(
-            f"{path}: not valid YAML: {err}", path=str(path), errors=[("(file)", "not valid YAML")]
-        ) from err
+    data = read_config_file(path)  # bounded: size, depth, aliases, duplicate keys, UTF-8
     if not isinstance(data, dict):
         raise ConfigError(
             f"{path}: a matrix must be a YAML mapping", path=str(path), errors=[("(top level)", "must be a mapping")]
@@ -448,8 +442,8 @@ def load_pair(reference: Path | str) -> ReleaseConfig:
 def is_matrix_file(path: Path) -> bool:
     """Whether ``path`` is a matrix file (a mapping with ``chips`` and ``release``), not a release config."""
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
+        data = read_config_file(path)
+    except ConfigError:
         return False
     return isinstance(data, dict) and "chips" in data and "release" in data
 

@@ -23,16 +23,16 @@ import jsonschema
 
 from flagrelease._atomic import atomic_write_json
 from flagrelease._redact import redact_obj
-from flagrelease.bundle import MANIFEST_NAME, load_manifest
+from flagrelease.bundle import load_manifest, release_labels
 from flagrelease.errors import ConfigError
-from flagrelease.layout import BundleLayout
 from flagrelease.matrix._config import Matrix, MatrixPair
+from flagrelease.matrix._manifests import find_manifest
+from flagrelease.publish import PublishCredentials
 
 __all__ = [
     "SUPPORT_NAME",
     "SUPPORT_SCHEMA_VERSION",
     "PairOutcome",
-    "find_manifest",
     "support_schema",
     "support_table",
     "table_rows",
@@ -53,8 +53,9 @@ class PairOutcome:
 
     Attributes:
         chip: the pair's chip.
-        state: the run's final state (``COMPLETED``, ``FAILED``, ``CRASHED``, ...), or
-            ``NOT_RUN`` when no run was started.
+        state: the run's final state (``COMPLETED``, ``FAILED``, ``CRASHED``, ...),
+            ``NOT_STARTED`` when its run could not be started (no deployment), or
+            ``NOT_RUN`` when the matrix run did not run it.
         flow_run: the run's id, None when none was started.
         run_name: the run's name.
         message: the state's message (why it failed).
@@ -69,18 +70,6 @@ class PairOutcome:
 
 def _iso(ts: datetime) -> str:
     return ts.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def find_manifest(pair: MatrixPair) -> Path | None:
-    """The pair's bundle manifest on this machine: its published folder, else its work folder.
-
-    A pair published only to remote destinations is read from its work folder, which is
-    on this machine when the pair ran here; otherwise None.
-    """
-    local = pair.config.publish.local_dir
-    candidates = [local / MANIFEST_NAME] if local else []
-    candidates.append(BundleLayout.for_release(pair.config).manifest_path)
-    return next((p for p in candidates if p.is_file()), None)
 
 
 def _bundle_url(manifest: Mapping[str, Any], pair: MatrixPair, *, relative_to: Path | None) -> str | None:
@@ -125,8 +114,10 @@ def _throughput(manifest: Mapping[str, Any]) -> dict[str, Any] | None:
 
 
 def _status(outcome: PairOutcome, manifest: Mapping[str, Any] | None) -> str:
-    if outcome.state not in ("COMPLETED", "NOT_RUN") or manifest is None:
-        return "failed" if outcome.state not in ("COMPLETED", "NOT_RUN") else "missing"
+    if outcome.state not in ("COMPLETED", "NOT_RUN"):
+        return "failed"
+    if manifest is None:
+        return "missing"
     if (manifest.get("gate") or {}).get("failed"):
         return "gate-failed"
     return "released"
@@ -145,7 +136,7 @@ def _row(
         "status": _status(outcome, manifest),
         "run": {"state": outcome.state, "flow_run": outcome.flow_run, "name": outcome.run_name},
         "message": outcome.message or None,
-        "label": None,
+        "label": release_labels(cfg)[1],
         "bundle_name": None,
         "conversion": cfg.convert.mode.value,
         "verdict": None,
@@ -159,7 +150,7 @@ def _row(
         return row
     ev = manifest.get("eval") or {}
     row.update(
-        label=(ev.get("target") or {}).get("label"),
+        label=(ev.get("target") or {}).get("label") or row["label"],
         bundle_name=(manifest.get("release") or {}).get("bundle_name"),
         verdict=ev.get("verdict"),
         reference={
@@ -181,8 +172,13 @@ def _row(
     return row
 
 
-def _references(rows: Sequence[Mapping[str, Any]], tasks: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """One reference column per distinct reference label, its scores from the first pair that has them."""
+def _references(
+    rows: Sequence[Mapping[str, Any]], tasks: Sequence[Mapping[str, Any]], *, default: tuple[str, str]
+) -> list[dict[str, Any]]:
+    """One reference column per distinct reference label, its scores from the first pair that has them.
+
+    With no pair results at all, the one column the config gives (``default``: label, chip).
+    """
     out: dict[str, dict[str, Any]] = {}
     for row in rows:
         ref = row.get("reference")
@@ -193,6 +189,8 @@ def _references(rows: Sequence[Mapping[str, Any]], tasks: Sequence[Mapping[str, 
             score = (row["scores"].get(t["task"]) or {}).get("reference")
             if score is not None and entry["scores"].get(t["task"]) is None:
                 entry["scores"][t["task"]] = score
+    if not out:
+        out[default[0]] = {"label": default[0], "chip": default[1], "scores": {}}
     for entry in out.values():
         for t in tasks:
             entry["scores"].setdefault(t["task"], None)
@@ -204,6 +202,7 @@ def support_table(
     outcomes: Mapping[str, PairOutcome] | None = None,
     *,
     manifests: Mapping[str, Path | None] | None = None,
+    credentials: PublishCredentials | Mapping[str, Any] | None = None,
     now: datetime | None = None,
 ) -> dict[str, Any]:
     """The support table of ``matrix``, validated against its schema.
@@ -211,7 +210,9 @@ def support_table(
     Args:
         matrix: the loaded matrix.
         outcomes: chip -> how its run ended (default: nothing run, manifests read as found).
-        manifests: chip -> its manifest file (default: :func:`find_manifest`).
+        manifests: chip -> its manifest file (default: :func:`find_manifest`, which
+            downloads a remote one into ``<matrix work folder>/manifests``).
+        credentials: tokens to read remote manifests (default: the environment).
         now: the table's time stamp (default: now).
 
     Returns:
@@ -227,7 +228,11 @@ def support_table(
     rows = []
     for pair in matrix.pairs:
         outcome = outcomes.get(pair.chip) or PairOutcome(chip=pair.chip)
-        path = manifests.get(pair.chip) if manifests is not None else find_manifest(pair)
+        path = (
+            manifests.get(pair.chip)
+            if manifests is not None
+            else find_manifest(pair, download_dir=matrix.work_dir / "manifests", credentials=credentials)
+        )
         manifest = load_manifest(path) if path is not None else None
         row = _row(pair, outcome, manifest, relative_to=relative_to)
         for t in manifest.get("eval", {}).get("tasks", []) if manifest else []:
@@ -246,7 +251,7 @@ def support_table(
             "revision": first.model.revision,
         },
         "benchmarks": tasks,
-        "references": _references(rows, tasks),
+        "references": _references(rows, tasks, default=(release_labels(first)[0], first.eval.reference.chip)),
         "rows": rows,
         "counts": {
             status: sum(1 for r in rows if r["status"] == status)

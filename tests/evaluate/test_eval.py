@@ -24,7 +24,7 @@ import pytest
 
 from flagrelease import evaluate as ev
 from flagrelease import gate
-from flagrelease.config import EvalTask, GenerationSettings, ReleaseConfig, load_release
+from flagrelease.config import EvalTask, GenerationSettings, ProbeSettings, ReleaseConfig, load_release
 from flagrelease.errors import ConfigError, EvalError
 from flagrelease.evaluate._lmeval_runner import MalformedResponse, validate_response
 from flagrelease.pipeline import ReleaseContext, StageResult
@@ -135,7 +135,9 @@ class _Misbehaving(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
         type(self).requests += 1
-        if self.mode == "malformed":
+        if self.mode in ("fine", "rambling", "mute"):
+            status, body = 200, json.dumps(self._answer())
+        elif self.mode == "malformed":
             status, body = 200, json.dumps({"id": "x", "choices": [{"index": 0, "finish_reason": "stop"}]})
         elif self.mode == "nonfinite":
             status, body = (
@@ -158,6 +160,16 @@ class _Misbehaving(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+
+    def _answer(self) -> dict[str, Any]:
+        """A well-formed answer: ``fine`` stops, ``rambling`` runs to max_tokens, ``mute`` says nothing."""
+        if self.path.endswith("/chat/completions"):
+            reason = "length" if self.mode == "rambling" else "stop"
+            choice = {"index": 0, "message": {"role": "assistant", "content": "7"}, "finish_reason": reason}
+            return {"id": "x", "choices": [choice], "usage": {"completion_tokens": 8}}
+        tokens = 0 if self.mode == "mute" else 1
+        choice = {"index": 0, "text": " 2" if tokens else "", "finish_reason": "stop", "logprobs": None}
+        return {"id": "x", "choices": [choice], "usage": {"completion_tokens": tokens}}
 
     def log_message(self, *args: Any) -> None:
         return None
@@ -204,6 +216,66 @@ def test_bad_responses_stop_the_eval_clearly(
     assert not out.exists()  # nothing partial is ever recorded as final
     assert not list(out.parent.glob(".target.*"))
     assert handler.requests <= 3  # after the first bad answer nothing more is sent
+
+
+# -- probes before the eval ----------------------------------------------------------------
+def _probed(url: str, tmp_path: Path, **probes: Any) -> ev.EvalRun:
+    return ev.evaluate_endpoint(
+        _Endpoint(url, "tiny"),
+        tasks=[TASKS[1]],
+        out_dir=tmp_path / "eval" / "target",
+        cache_path=tmp_path / "c.sqlite",
+        generation=GenerationSettings(max_tokens=8),
+        concurrency=2,
+        limit=6,
+        probes=ProbeSettings(**probes),
+    )
+
+
+def test_probes_pass_and_their_answers_are_reused(misbehaving: tuple[str, type[_Misbehaving]], tmp_path: Path) -> None:
+    url, handler = misbehaving
+    handler.mode = "fine"
+    run = _probed(url, tmp_path, items_per_task=3)
+    assert run.probes is not None
+    assert run.probes["stability"]["completion_tokens"] == 1
+    truncation = run.probes["truncation"]
+    assert truncation["tasks"] == {"tinyarith": {"answers": 3, "truncated": 0}} and truncation["share"] == 0.0
+    # one stability request, 3 probe items, then the 6-item eval of which 3 come from the cache
+    assert handler.requests == 1 + 3 + 3
+    assert run.truncated() == {"answers": 6, "truncated": 0}
+    assert len(list(iter_per_sample(run.per_sample))) == 6  # the probe's samples are not the eval's
+
+
+def test_a_rambling_server_stops_at_the_truncation_probe(
+    misbehaving: tuple[str, type[_Misbehaving]], tmp_path: Path
+) -> None:
+    url, handler = misbehaving
+    handler.mode = "rambling"
+    with pytest.raises(EvalError, match=r"truncation probe: 3 of 3 probe answers stopped at max_tokens") as err:
+        _probed(url, tmp_path, items_per_task=3)
+    assert err.value.kind == "truncated"  # type: ignore[attr-defined]
+    assert "eval.generation.max_tokens = 8" in str(err.value)
+    assert err.value.probe["share"] == 1.0  # type: ignore[attr-defined]
+    assert handler.requests == 1 + 3  # nothing past the probe
+    assert not (tmp_path / "eval" / "target").exists()
+    # A looser limit lets the same server through, its truncation counted.
+    handler.requests = 0
+    run = _probed(url, tmp_path, items_per_task=3, max_truncated=1.0)
+    assert run.truncated() == {"answers": 6, "truncated": 6}
+
+
+def test_a_mute_server_fails_the_stability_probe(misbehaving: tuple[str, type[_Misbehaving]], tmp_path: Path) -> None:
+    url, handler = misbehaving
+    handler.mode = "mute"
+    with pytest.raises(EvalError, match=r"failed the stability probe.*no tokens") as err:
+        _probed(url, tmp_path)
+    assert err.value.kind == "unstable"  # type: ignore[attr-defined]
+    assert handler.requests == 1
+    handler.mode, handler.requests = "malformed", 0
+    with pytest.raises(EvalError, match=r"stability probe.*malformed answer"):
+        _probed(url, tmp_path)
+    with pytest.raises(EvalError, match=r"stability probe.*ConnectError"):
+        ev.stability_probe("http://127.0.0.1:9", model_name="tiny", variant="target", timeout_s=5)
 
 
 # -- variants -----------------------------------------------------------------------------
@@ -340,14 +412,25 @@ INJECTED = "silu"
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_eval_gate_and_bisection_find_a_broken_operator(trained_tiny_model: Path, tmp_path: Path) -> None:
-    """The eval, gate and bisection stages for real, with one FlagGems (oplib) operator broken on purpose."""
+    """The eval, gate and bisection stages for real, with one FlagGems (oplib) operator broken on purpose.
+
+    Also: the kernel caches are cleaned before every FlagGems serve, and FlagGems on and
+    off are timed in interleaved trials after the evals.
+    """
+    caches = {"TRITON_CACHE_DIR": tmp_path / "triton", "FLAGGEMS_CACHE_DIR": tmp_path / "flaggems"}
+    stale = [caches["TRITON_CACHE_DIR"] / "ab12" / "kernel.json", caches["FLAGGEMS_CACHE_DIR"] / "code_cache" / "mm.py"]
+    for path in stale:
+        path.parent.mkdir(parents=True)
+        path.write_text("stale")
     cfg = load_release(
         write_demo_config(
             tmp_path / "cfg",
             tmp_path,
             eval__tasks=[t.model_dump(exclude_none=True) for t in TASKS],
             eval__limit=24,
-            serve__envs={"FLAGRELEASE_GEMS_INJECT": f"{INJECTED}:zero"},
+            serve__envs={"FLAGRELEASE_GEMS_INJECT": f"{INJECTED}:zero", **{k: str(v) for k, v in caches.items()}},
+            serve__flaggems={"enabled": True, "clean_caches": True},
+            gates__throughput={"trials": 4, "requests": 4, "max_tokens": 16, "warmup_requests": 2},
         )
     )
     ctx = ReleaseContext.create(cfg)
@@ -375,6 +458,11 @@ def test_eval_gate_and_bisection_find_a_broken_operator(trained_tiny_model: Path
         lines = list(iter_per_sample(Path(v["per_sample"])))
         assert len(lines) == 48 and all(len(line["prompt_hash"]) == 64 for line in lines)
     assert len(result.tables["eval"]) == 6
+    assert not any(path.exists() for path in stale)  # cleaned before the FlagGems serve
+    assert (caches["FLAGGEMS_CACHE_DIR"]).is_dir()  # only the code cache goes
+    trials = result.outputs["throughput"]["trials"]
+    assert [t["arm"] for t in trials[:4]] == ["target", "target_gems_off", "target_gems_off", "target"]
+    assert len(trials) == 8 and all(t["ok"] == 4 and t["tok_s"] > 0 for t in trials)
     ctx.results["eval"] = result
 
     verdict = gate.run_stage(ctx)
@@ -388,6 +476,9 @@ def test_eval_gate_and_bisection_find_a_broken_operator(trained_tiny_model: Path
     assert [r["label"] for r in data["rows"]] == ["TinyArith-MC (Acc.)", "TinyArith (EM)"]
     assert all(r["n_items"] == 24 and r["test"] == "mcnemar+tost" for r in data["rows"])
     assert data["throughput"]["gems_off_tok_s"] > 0 and data["throughput"]["min_ratio"] == 0.5
+    assert data["throughput"]["rounds"] == 4 and len(data["throughput"]["trials"]) == 8
+    lo, hi = data["throughput"]["ratio_ci"]
+    assert lo <= data["throughput"]["ratio"] <= hi
     found = data["flaggems"]
     assert found["on_vs_off"]["verdict"] == "inconsistent"
     assert found["bisection"]["verified"] is True

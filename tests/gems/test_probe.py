@@ -20,6 +20,8 @@ import torch
 
 from flagrelease.cli import main
 from flagrelease.config import ReleaseConfig, parse_release
+from flagrelease.convert.outputs import ConvertOutputs
+from flagrelease.fetch.outputs import FetchOutputs
 from flagrelease.gems import (
     TINY_QWEN2_CONFIG,
     OpResult,
@@ -31,7 +33,8 @@ from flagrelease.gems import (
     run_isolated,
     run_probe_step,
 )
-from flagrelease.pipeline import ReleaseContext
+from flagrelease.gems._probe_step import _step_weights
+from flagrelease.pipeline import ReleaseContext, StageResult
 
 REPO = Path(__file__).resolve().parents[2]
 STANDIN = "tests._probe_standin:StandInOps"
@@ -225,6 +228,31 @@ def test_probe_step_skips_cleanly_and_plans(tmp_path: Path) -> None:
     assert json.loads((ctx.layout.reports_dir / "gems_probe.json").read_text())["verdict"] == "skipped"
     off = ReleaseContext.create(_release(tmp_path, serve={"flaggems": {"enabled": False}}))
     assert "off" in run_probe_step(off).summary
+
+
+def test_probe_step_probes_the_weights_upstream_stages_left(tmp_path: Path) -> None:
+    def weights(name: str) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+        (folder / "model.safetensors").write_bytes(b"")
+        return folder
+
+    ctx = ReleaseContext.create(_release(tmp_path))
+    assert _step_weights(ctx) is None  # nothing upstream ran: random weights
+    fetched, converted = weights("fetched"), weights("converted")
+    ctx.results["fetch"] = StageResult(stage="fetch", summary="", outputs=FetchOutputs(model_dir=str(fetched)))
+    assert _step_weights(ctx) == fetched
+    ctx.results["convert"] = StageResult(
+        stage="convert", summary="", outputs=ConvertOutputs(model_dir=str(converted), mode="none")
+    )
+    assert _step_weights(ctx) == converted  # BF16 from convert comes first
+    (converted / "model.safetensors").unlink()
+    assert _step_weights(ctx) == fetched  # a folder without weights is passed over
+    quantized = ReleaseContext.create(_release(tmp_path, convert={"mode": "int8-w8a8"}))
+    quantized.results.update(ctx.results)
+    (converted / "model.safetensors").write_bytes(b"")
+    assert _step_weights(quantized) == fetched  # transformers cannot load INT8 compressed tensors
 
 
 # -- the whole probe on the CPU stand-in -----------------------------------------------------

@@ -32,7 +32,7 @@ from flagrelease.card import render_card_cli
 from flagrelease.config import ReleaseConfig, load_release
 from flagrelease.errors import ConfigError
 from flagrelease.image import render_dockerfile
-from flagrelease.render import engine_args, serve_env, serve_files, serve_secret_refs
+from flagrelease.render import engine_args, serve_files, serve_secret_refs
 
 __all__ = [
     "BASE",
@@ -49,6 +49,7 @@ __all__ = [
 ]
 
 CANARY = "CANARY"
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 COMMIT = "0" * 40
 
 #: A release config that sets every string field flagrelease has (one item per list).
@@ -63,6 +64,7 @@ BASE: dict[str, Any] = {
         "license_url": "https://example.com/LICENSE",
         "allow_patterns": ["*.json"],
         "ignore_patterns": ["*.bin"],
+        "path": "/data/model",
     },
     "chip": "cpu",
     "convert": {"mode": "int8-w8a8", "ignore": ["lm_head"]},
@@ -74,8 +76,11 @@ BASE: dict[str, Any] = {
         "pip_index_url": "https://pypi.example.com/simple",
         "flag_gems_version": "5.0.2",
         "vllm_version": "0.32.0",
+        "on_missing_engine": "keep-context",
     },
     "serve": {
+        "engine": "vllm",
+        "runtime": "local",
         "serve_id": "vllm_model",
         "container_name": "flagrelease_cpu",
         "model_dir": "/models/tiny",
@@ -93,15 +98,28 @@ BASE: dict[str, Any] = {
         "load_test": {"prompt": "Say hello."},
     },
     "eval": {
-        "tasks": [{"name": "gsm8k", "label": "GSM8K (EM)", "metric": "exact_match", "filter": "flexible-extract"}],
-        "reference": {"chip": "cpu", "mode": "stored", "results_dir": "/data/reference"},
+        "tasks": [
+            {
+                "name": "gsm8k",
+                "label": "GSM8K (EM)",
+                "metric": "exact_match",
+                "filter": "flexible-extract",
+                "kind": "generate",
+            }
+        ],
+        "reference": {"chip": "cpu", "mode": "stored", "results_dir": "/data/reference", "weights": "source"},
         "include_path": "/data/tasks",
         "dataset_cache": "/data/datasets",
     },
     "publish": {
         "hf_repo": "FlagRelease/Tiny-FlagOS-CPU",
         "modelscope_repo": "FlagRelease/Tiny-FlagOS-CPU",
-        "s3": {"bucket": "releases", "prefix": "tiny/v1", "endpoint_url": "http://127.0.0.1:9000", "region": "us-east-1"},
+        "s3": {
+            "bucket": "releases",
+            "prefix": "tiny/v1",
+            "endpoint_url": "http://127.0.0.1:9000",
+            "region": "us-east-1",
+        },
         "registry": "127.0.0.1:5000/published",
         "local_dir": "/data/publish",
     },
@@ -227,7 +245,7 @@ _INJECTIONS = [
     f"|>{CANARY}",
     f"'; >{CANARY}; echo '",
     f'"; >{CANARY}; echo "',
-    f"\\\"; >{CANARY}; echo \\\"",
+    f'\\"; >{CANARY}; echo \\"',
     f"${{IFS}}>{CANARY}",
     f"$(/usr/bin/touch {CANARY})",
     f"x\n>{CANARY}\n",
@@ -352,13 +370,13 @@ class Harness:
             cfg = load_release(config)
         except ConfigError as err:
             return self._refused(case, err, config)
-        except Exception as err:  # the suite counts what the library must never do  # noqa: BLE001
+        except Exception as err:  # the suite counts what the library must never do
             return self._done(case, "traceback", [f"load: {type(err).__name__}: {err}"])
         try:
             files = self._render(cfg, config, work)
         except ConfigError as err:
             return self._refused(case, err, config, at_load=False)
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             return self._done(case, "traceback", [f"render: {type(err).__name__}: {err}"])
         problems = self._check(cfg, files, work, field=field, baseline=baseline)
         return self._done(case, "defect" if problems else "escaped", problems)
@@ -401,9 +419,7 @@ class Harness:
         return out
 
     # -- checks ------------------------------------------------------------------------------------
-    def _check(
-        self, cfg: ReleaseConfig, files: dict[str, str], work: Path, *, field: str, baseline: bool
-    ) -> list[str]:
+    def _check(self, cfg: ReleaseConfig, files: dict[str, str], work: Path, *, field: str, baseline: bool) -> list[str]:
         problems: list[str] = []
         problems += self._check_secrets(files)
         problems += self._check_yaml(cfg, files)
@@ -435,7 +451,7 @@ class Harness:
         problems: list[str] = []
         experiment = next(t for r, t in files.items() if re.fullmatch(r"conf/config_.*\.yaml", r))
         serve = next(t for r, t in files.items() if re.fullmatch(r"conf/serve/.*\.yaml", r))
-        exp = yaml.safe_load(experiment)
+        exp = yaml.load(experiment, Loader=_LOADER)
         if set(exp) != {"defaults", "experiment", "action", "hydra"}:
             problems.append(f"experiment config top-level keys: {sorted(exp)}")
         wanted_exp = {"exp_name", "exp_dir", "task", "deploy", "runner", "envs", "cmds"}
@@ -445,7 +461,7 @@ class Harness:
         try:
             resolved = OmegaConf.to_container(OmegaConf.create(experiment), resolve=True)
             served = OmegaConf.to_container(OmegaConf.create(serve), resolve=True)
-        except Exception as err:  # noqa: BLE001 - an interpolation a value smuggled in
+        except Exception as err:
             return [*problems, f"FlagScale (OmegaConf) cannot read the configs: {type(err).__name__}: {err}"]
         finally:
             for name in SECRET_ENV:
@@ -469,20 +485,30 @@ class Harness:
         if not front:
             problems.append("the card has no front matter")
         else:
-            meta = yaml.safe_load(front.group(1))
-            allowed = {"license", "license_link", "license_name", "base_model", "base_model_relation", "tags", "pipeline_tag"}
+            meta = yaml.load(front.group(1), Loader=_LOADER)
+            allowed = {
+                "license",
+                "license_link",
+                "license_name",
+                "base_model",
+                "base_model_relation",
+                "tags",
+                "pipeline_tag",
+            }
             if not isinstance(meta, dict) or not set(meta) <= allowed or meta.get("license") != cfg.model.license:
                 problems.append(f"card front matter: {meta!r}"[:300])
         for block in re.findall(r"```ya?ml\n(.*?)```", card, re.S):
             try:
-                yaml.safe_load(block)
+                yaml.load(block, Loader=_LOADER)
             except yaml.YAMLError as err:
                 problems.append(f"a YAML block of the card does not parse: {err}")
         return problems
 
     def _check_hostfile(self, files: dict[str, str]) -> list[str]:
         lines = files["conf/hostfile.txt"].splitlines()
-        bad = [x for x in lines if x and not x.startswith("#") and not re.fullmatch(r"\S+ slots=\d+ type=[a-z0-9_-]+", x)]
+        bad = [
+            x for x in lines if x and not x.startswith("#") and not re.fullmatch(r"\S+ slots=\d+ type=[a-z0-9_-]+", x)
+        ]
         return [f"hostfile line {x!r}" for x in bad]
 
     def _run_shells(self, cfg: ReleaseConfig, files: dict[str, str], work: Path, *, contract: bool) -> list[str]:
@@ -492,10 +518,10 @@ class Harness:
         script = sandbox / "conf" / "vllm_serve.sh"
         script.write_text(files["conf/vllm_serve.sh"], encoding="utf-8")
         blocks = re.findall(r"```(?:bash|sh|shell)\n(.*?)```", files["README.md"], re.S)
-        for i, block in enumerate(blocks):
-            if self.shell(f"{_PRELUDE}{block}", sandbox, check_only=True) != 0:
-                problems.append(f"card shell block {i} does not parse")
         body = _PRELUDE + "".join(f"(\n{block}\n)\n" for block in blocks)
+        if self.shell(body, sandbox, check_only=True) != 0:
+            broken = [i for i, b in enumerate(blocks) if self.shell(b, sandbox, check_only=True) != 0]
+            problems.append(f"card shell blocks {broken} do not parse")
         log = sandbox / "stubs.log"
         self.shell(body, sandbox)
         calls = log.read_text(encoding="utf-8") if log.exists() else ""

@@ -1,0 +1,279 @@
+"""Kills and concurrent runs: nothing outlives ``flagrelease run``, and one run per release at a time.
+
+The heavy cases start a real ``flagrelease run`` (fetch, convert, deploy of the tiny
+model on the CPU) in its own session, wait until its vLLM server answers, and then kill
+the run: SIGKILL or SIGTERM, with and without Prefect (without ``PREFECT_API_URL``, so
+flagrelease starts its temporary Prefect server).  Every process of the run's tree,
+snapshotted just before the kill (the vLLM server, its ``VLLM::EngineCore``, the
+resource tracker, the supervisor, the temporary Prefect server) must be gone shortly
+after; SIGTERM must end the run within 10 seconds.  While the first run serves, a second
+run of the same release must refuse at once, naming the first.
+
+The light cases check the same guarantees on small stand-ins: the demo refusing at once
+while its release is held, and the reaping of a server group whose supervisor was killed
+too.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+import yaml
+
+from tests.fixtures_demo import write_demo_config
+from tests.fixtures_prefect import free_port
+
+FLAGRELEASE = str(Path(sys.executable).parent / "flagrelease")
+#: This module's counts (also added to the suite's totals).
+COUNTS: Counter[str] = Counter()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report(totals: Counter[str]) -> Iterator[None]:
+    yield
+    totals.update({f"kills_{k}": v for k, v in COUNTS.items()})
+    if COUNTS["cases"]:
+        print(
+            f"\nkills: {COUNTS['cases']} runs killed, {COUNTS['processes']} processes in their trees, "
+            f"{COUNTS['orphans']} orphans after the kill, slowest SIGTERM exit {COUNTS['sigterm_ms'] / 1000:.1f}s, "
+            f"{COUNTS['second_refused']} of {COUNTS['second_tried']} second runs refused at once"
+        )
+
+
+def _alive(procs: list[tuple[psutil.Process, float]]) -> list[psutil.Process]:
+    out = []
+    for proc, started in procs:
+        try:
+            if proc.create_time() == started and proc.status() != psutil.STATUS_ZOMBIE:
+                out.append(proc)
+        except psutil.Error:
+            continue
+    return out
+
+
+def _tree(pid: int) -> list[tuple[psutil.Process, float]]:
+    root = psutil.Process(pid)
+    family = [root, *root.children(recursive=True)]
+    out = []
+    for proc in family:
+        try:
+            out.append((proc, proc.create_time()))
+        except psutil.Error:
+            continue
+    return out
+
+
+def _describe(proc: psutil.Process) -> str:
+    try:
+        return f"{proc.pid} {proc.name()} {' '.join(proc.cmdline())[:120]}"
+    except psutil.Error:
+        return str(proc.pid)
+
+
+# -- light: stand-ins ------------------------------------------------------------------------
+def _hold(code: str) -> subprocess.Popen[str]:
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    return holder
+
+
+@pytest.mark.parametrize("prefect", [False, True], ids=["no-prefect", "prefect"])
+def test_a_second_demo_refuses_at_once_naming_the_first(tmp_path: Path, prefect: bool) -> None:
+    configs = tmp_path / "configs"
+    config = write_demo_config(configs, tmp_path)
+    work = yaml.safe_load(config.read_text())["work_dir"]
+    holder = _hold(
+        "import time\nfrom pathlib import Path\nfrom flagrelease._lease import release_lock\n"
+        f"with release_lock(Path({work!r}), release='demo-tiny-cpu'):\n    print('held', flush=True)\n"
+        "    time.sleep(120)\n"
+    )
+    env = {**os.environ, "FLAGRELEASE_CONFIGS": str(configs), "PREFECT_HOME": str(tmp_path / "prefect")}
+    env.pop("PREFECT_API_URL", None)
+    try:
+        started = time.monotonic()
+        proc = subprocess.run(
+            [FLAGRELEASE, "demo", *([] if prefect else ["--no-prefect"])],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        took = time.monotonic() - started
+    finally:
+        holder.kill()
+        holder.wait()
+    COUNTS["second_tried"] += 1
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert f"release 'demo-tiny-cpu' (work folder {work}) is in use by pid {holder.pid}" in proc.stderr
+    assert "Traceback" not in proc.stderr and took < 15, took
+    assert not (Path(work) / "state").exists()  # it did nothing
+    assert not (tmp_path / "prefect" / "prefect.db").exists()  # refused before any Prefect server started
+    COUNTS["second_refused"] += 1
+
+
+def test_a_server_group_whose_supervisor_was_killed_too_is_reaped_at_the_next_start(tmp_path: Path) -> None:
+    from flagrelease._supervise import reap_orphans
+
+    owner = _hold(
+        "import sys, time\nfrom flagrelease._supervise import SupervisedProcess\n"
+        "p = SupervisedProcess(['bash', '-c', 'sleep 300 & exec sleep 301'], what='a stand-in server')\n"
+        "p.start()\nprint('held', flush=True)\nprint(p.pid, flush=True)\ntime.sleep(300)\n"
+    )
+    assert owner.stdout is not None
+    supervisor = int(owner.stdout.readline())
+    deadline = time.monotonic() + 10
+    while len(psutil.Process(supervisor).children(recursive=True)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    group = [p for p in psutil.process_iter() if _pgid(p.pid) == supervisor and p.pid != supervisor]
+    assert len(group) == 2
+    # The owner and its supervisor die at once, outright: the servers they leave keep running...
+    os.kill(supervisor, signal.SIGKILL)
+    os.kill(owner.pid, signal.SIGKILL)
+    owner.wait()
+    time.sleep(1.0)
+    tracked = [(p, p.create_time()) for p in group]
+    assert len(_alive(tracked)) == 2
+    # ... until the next start reaps them from the pid file.
+    reaped = reap_orphans()
+    assert any(r["pgid"] == supervisor and r["what"] == "a stand-in server" for r in reaped)
+    deadline = time.monotonic() + 10
+    while _alive(tracked) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(tracked)
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except (ProcessLookupError, PermissionError):
+        return None
+
+
+# -- heavy: a real run, killed while vLLM serves --------------------------------------------------
+def _config(folder: Path, model: Path, name: str) -> tuple[Path, int]:
+    port = free_port()
+    data: dict[str, Any] = {
+        "model": {"source": "local", "repo_id": "flagrelease/tiny-qwen2", "path": str(model)},
+        "chip": "cpu",
+        "convert": {"mode": "none"},
+        "serve": {
+            "engine_args": {
+                "served_model_name": "tiny-kill",
+                "max_model_len": 256,
+                "max_num_seqs": 4,
+                "dtype": "bfloat16",
+                "enforce_eager": True,
+                "port": port,
+            },
+            "flaggems": {"enabled": False},
+            "health_timeout_s": 400,
+            # Long enough that the run is always still serving when it is killed.
+            "load_test": {"concurrency": [1], "requests_per_level": 1000, "max_tokens": 64, "timeout_s": 600},
+        },
+        "eval": {"reference": {"chip": "cpu"}},
+        "work_dir": str(folder / "work"),
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path, port
+
+
+def _start(config: Path, *, prefect: bool, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    argv = [FLAGRELEASE, "run", str(config), "--stages", "fetch,convert,deploy"]
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [*argv, *([] if prefect else ["--no-prefect"])],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def _wait_serving(proc: subprocess.Popen[bytes], port: int, log: Path, timeout_s: float = 600) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended ({proc.returncode}) before vLLM served:\n{log.read_text()[-4000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2, trust_env=False).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"vLLM did not serve within {timeout_s}s:\n{log.read_text()[-4000:]}")
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@pytest.mark.parametrize(
+    ("prefect", "sig"),
+    [(False, signal.SIGKILL), (False, signal.SIGTERM), (True, signal.SIGKILL), (True, signal.SIGTERM)],
+    ids=["no-prefect-SIGKILL", "no-prefect-SIGTERM", "prefect-SIGKILL", "prefect-SIGTERM"],
+)
+def test_killed_run_leaves_no_process(
+    prefect: bool, sig: signal.Signals, tiny_model: Path, serve_python: Path, tmp_path: Path
+) -> None:
+    name = f"kill-{'prefect' if prefect else 'plain'}-{sig.name.lower()}"
+    config, port = _config(tmp_path / "release", tiny_model, name)
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    log = tmp_path / "run.log"
+    proc = _start(config, prefect=prefect, env=env, log=log)
+    try:
+        _wait_serving(proc, port, log)
+        tree = _tree(proc.pid)
+        lines = [_describe(p) for p, _ in tree]
+        assert any("VLLM" in line or "EngineCore" in line for line in lines), lines
+        if prefect:
+            assert any("prefect.server.api.server:create_app" in line for line in lines), lines
+        if sig == signal.SIGKILL and not prefect:
+            # One run per release: a second run of it refuses at once, naming this one.
+            started = time.monotonic()
+            second = subprocess.run(
+                [FLAGRELEASE, "run", str(config), "--no-prefect", "--stages", "fetch,convert,deploy"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+            COUNTS["second_tried"] += 1
+            assert second.returncode == 2 and f"is in use by pid {proc.pid}" in second.stderr, second.stderr[-3000:]
+            assert time.monotonic() - started < 15 and "Traceback" not in second.stderr
+            COUNTS["second_refused"] += 1
+        tree = _tree(proc.pid)  # again: the engine may have started more processes meanwhile
+        COUNTS["cases"] += 1
+        COUNTS["processes"] += len(tree)
+        killed = time.monotonic()
+        os.kill(proc.pid, sig)
+        proc.wait(timeout=60)
+        took = time.monotonic() - killed
+        if sig == signal.SIGTERM:
+            COUNTS["sigterm_ms"] = max(COUNTS["sigterm_ms"], int(took * 1000))
+            assert took < 10, f"SIGTERM took {took:.1f}s:\n{log.read_text()[-3000:]}"
+        deadline = time.monotonic() + 20
+        while _alive(tree) and time.monotonic() < deadline:
+            time.sleep(0.25)
+        left = _alive(tree)
+        COUNTS["orphans"] += len(left)
+        assert not left, f"left running after {sig.name}: {[_describe(p) for p in left]}"
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=2, trust_env=False)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
