@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -42,9 +43,14 @@ __all__ = [
     "reap_orphans",
     "set_parent_death_signal",
     "state_dir",
+    "stop_all",
 ]
 
 log = logging.getLogger("flagrelease.processes")
+
+#: Servers of this process that :func:`stop_all` stops (those started with ``stop_on_exit``).
+_running: set[SupervisedProcess] = set()
+_running_lock = threading.RLock()
 
 _PR_SET_PDEATHSIG = 1
 
@@ -67,6 +73,19 @@ def set_parent_death_signal(sig: int = signal.SIGTERM) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+
+
+def stop_all(*, grace_s: float = 3.0) -> int:
+    """Stop every server this process started with ``stop_on_exit`` (an interrupted run); return how many.
+
+    Safe to call from a signal handler in the main thread while other threads serve: a
+    server stopped here makes whatever waits on it fail fast.
+    """
+    with _running_lock:
+        servers = list(_running)
+    for server in servers:
+        server.stop(grace_s=grace_s)
+    return len(servers)
 
 
 def group_members(pgid: int, *, exclude: int | None = None) -> list[psutil.Process]:
@@ -154,6 +173,7 @@ class SupervisedProcess:
         stdout: where its output goes (a file opened for writing), else inherited.
         what: a name for logs and pid files (``vLLM (target)``, ``Prefect server``).
         grace_s: how long the supervisor waits after SIGTERM when its owner dies.
+        stop_on_exit: stop it in :func:`stop_all` (when the owner is being interrupted).
     """
 
     def __init__(
@@ -165,6 +185,7 @@ class SupervisedProcess:
         stdout: IO[bytes] | None = None,
         what: str = "a server",
         grace_s: float = 5.0,
+        stop_on_exit: bool = True,
     ) -> None:
         self.argv = list(argv)
         self.env = dict(env) if env is not None else None
@@ -172,6 +193,7 @@ class SupervisedProcess:
         self.stdout = stdout
         self.what = what
         self.grace_s = grace_s
+        self.stop_on_exit = stop_on_exit
         self.proc: subprocess.Popen[bytes] | None = None
         self.pid_file: Path | None = None
 
@@ -220,6 +242,9 @@ class SupervisedProcess:
                 "argv": self.argv[:6],
             },
         )
+        if self.stop_on_exit:
+            with _running_lock:
+                _running.add(self)
         return self.proc.pid
 
     def exited(self) -> str | None:
@@ -235,6 +260,8 @@ class SupervisedProcess:
         """Stop the command and everything it started (idempotent): SIGTERM, ``grace_s``, SIGKILL."""
         if self.proc is None:
             return
+        with _running_lock:
+            _running.discard(self)
         pgid = self.proc.pid
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):

@@ -22,9 +22,12 @@ from flagrelease.pipeline import StageResult
 
 __all__ = [
     "GATE_FAILED_MARKER",
+    "GATE_UNVERIFIED_MARKER",
     "MANIFEST_NAME",
     "SCHEMA_VERSION",
+    "UNVERIFIED_VERDICTS",
     "gate_failure_reasons",
+    "gate_unverified_verdict",
     "load_manifest",
     "manifest_schema",
     "release_labels",
@@ -33,6 +36,11 @@ __all__ = [
 
 #: An HTML comment the card carries when the release failed its gate; publish checks for it.
 GATE_FAILED_MARKER = "<!-- flagrelease:gate-failed -->"
+#: An HTML comment the card carries when the release is published although its gate verdict
+#: is inconclusive or missing (``publish.allow_verdicts``); publish checks for it.
+GATE_UNVERIFIED_MARKER = "<!-- flagrelease:gate-unverified -->"
+#: Gate verdicts that block publishing unless ``publish.allow_verdicts`` names them.
+UNVERIFIED_VERDICTS = ("inconclusive", "missing")
 #: The bundle manifest's file name.
 MANIFEST_NAME = "flagrelease.json"
 #: The version of the manifest's schema.
@@ -93,6 +101,17 @@ def gate_failure_reasons(gate: Mapping[str, Any] | None, *, stage: StageResult |
     if stage is not None and stage.status == "failed" and not reasons:
         reasons.append(f"the gate stage failed: {stage.summary}")
     return reasons
+
+
+def gate_unverified_verdict(verdict: str | None) -> str | None:
+    """``inconclusive`` or ``missing`` when the gate did not show the release consistent, else None.
+
+    No verdict at all counts as ``missing``; ``inconsistent`` is a failure
+    (:func:`gate_failure_reasons`), not this.
+    """
+    if verdict in (None, "", "missing"):
+        return "missing"
+    return "inconclusive" if verdict == "inconclusive" else None
 
 
 @lru_cache(maxsize=1)

@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from flagrelease._redact import find_secret
 from flagrelease.constants import templates_dir
 from flagrelease.errors import ConfigError
 
@@ -133,6 +134,8 @@ class ChipProfile(BaseModel):
                 raise ValueError(f"environment variable name {key!r} is not valid")
             if _CONTROL.search(str(val)):
                 raise ValueError(f"environment value of {key} holds a control character")
+            if find_secret(f"{key}={val}"):
+                raise ValueError(f"environment value of {key} looks like a secret; a chip profile holds no secrets")
         return {k: str(v) for k, v in value.items()}
 
     @field_validator("docker_run_flags")

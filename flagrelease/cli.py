@@ -499,13 +499,45 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reinstall", action="store_true", help="remove and recreate the venv even if it is complete")
     s.set_defaults(func=_cmd_runtime)
 
+    s = _command(sub, "services", "run the Docker engine and the local registry the demo pushes to, until Ctrl-C")
+    s.add_argument("--registry", default="127.0.0.1:5000", help="the loopback registry (default: 127.0.0.1:5000)")
+    s.set_defaults(func=_cmd_services)
+
     s = _command(sub, "chips", "list chip profiles")
     s.set_defaults(func=_cmd_chips)
     return p
 
 
+def _cmd_services(args: argparse.Namespace) -> int:
+    from flagrelease.services import ensure_engine, ensure_registry
+
+    engine = ensure_engine(hold=True)
+    registry = ensure_registry(args.registry, hold=True)
+    own = " (started by flagrelease)"
+    print(f"Docker engine {engine.base_url}{own if engine.managed else ''}")
+    print(f"              use it: export DOCKER_HOST={engine.base_url}")
+    print(f"registry      {registry.url}{own if registry.managed else ''}")
+    print("Running until Ctrl-C; what flagrelease started stops once no flagrelease process uses it.", flush=True)
+    signal.pause()
+    return 0
+
+
+#: Seconds a run may take to wind down after SIGTERM before it exits regardless.
+_SIGTERM_DEADLINE_S = 8.0
+
+
 def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    """Stop the servers this run started, then unwind like Ctrl-C; exit for sure within the deadline."""
+    import os
+    import threading
+
+    from flagrelease._supervise import stop_all
+
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the teardown it starts is bounded; let it finish
+    watchdog = threading.Timer(_SIGTERM_DEADLINE_S, os._exit, args=(128 + signum,))
+    watchdog.daemon = True
+    watchdog.start()
+    stop_all(grace_s=3.0)  # servers of other threads too: whatever waits on them fails fast
     raise SystemExit(128 + signum)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
+import importlib.util
 import json
 import logging
 import time
@@ -41,6 +42,7 @@ __all__ = [
     "run_pipeline",
     "stage_fingerprint",
     "stage_function",
+    "stage_inputs",
 ]
 
 log = logging.getLogger("flagrelease.pipeline")
@@ -49,11 +51,38 @@ log = logging.getLogger("flagrelease.pipeline")
 STAGES: tuple[str, ...] = ("fetch", "convert", "image", "deploy", "eval", "gate", "card", "publish")
 _MODULES = {s: f"flagrelease.{s}" for s in STAGES} | {"eval": "flagrelease.evaluate"}
 
-#: The stages whose results each stage depends on: every stage before it, except that the
-#: image needs only the fetch (it renders the path the convert writes to, not what it
-#: writes).  A stage's fingerprint covers these; a flow may start it as soon as they are
-#: done (the image beside the convert).
-STAGE_INPUTS: dict[str, tuple[str, ...]] = {s: STAGES[:i] for i, s in enumerate(STAGES)} | {"image": ("fetch",)}
+#: The stages whose results each stage depends on (:func:`stage_inputs` drops the image
+#: from the serving stages' on the local runtime).  The image renders the path the
+#: convert writes to, not what it writes, so it needs no stage; the eval and the gate
+#: serve the weights the fetch and the convert made, after the deploy.  A stage's
+#: fingerprint covers its inputs; a flow may start a stage as soon as they are done (the
+#: image from the start, beside the fetch, the convert and, on the local runtime, the rest).
+STAGE_INPUTS: dict[str, tuple[str, ...]] = {
+    "fetch": (),
+    "convert": ("fetch",),
+    "image": (),
+    "deploy": ("fetch", "convert", "image"),
+    "eval": ("fetch", "convert", "image", "deploy"),
+    "gate": ("fetch", "convert", "image", "deploy", "eval"),
+    "card": STAGES[: STAGES.index("card")],
+    "publish": STAGES[: STAGES.index("publish")],
+}
+
+
+def stage_inputs(cfg: ReleaseConfig, stage: str) -> tuple[str, ...]:
+    """The stages ``stage`` depends on for this release (:data:`STAGE_INPUTS`).
+
+    The stages that serve the model (deploy, eval, gate) on the local runtime (this
+    machine's serving venv) do not run the image, so they do not wait for it; in a
+    container, or on nodes that run it, they do.
+    """
+    from flagrelease.config import RuntimeKind
+
+    inputs = STAGE_INPUTS[stage]
+    if stage in ("deploy", "eval", "gate") and cfg.runtime is RuntimeKind.LOCAL:
+        inputs = tuple(s for s in inputs if s != "image")
+    return inputs
+
 
 #: Hooks: functions one stage lends the others, by name -> ``module:attribute``.  Resolved
 #: here, by :meth:`ReleaseContext.hook`, so that no stage package imports another's code:
@@ -264,7 +293,13 @@ def stage_function(stage: str) -> Callable[[ReleaseContext], StageResult]:
 _STAGE_CODE: dict[str, tuple[str, ...]] = {
     "fetch": ("flagrelease/tinymodel", "flagrelease/_filehash.py", "flagrelease/_safetensors.py"),
     "convert": ("flagrelease/_safetensors.py",),
-    "image": ("flagrelease/render.py", "flagrelease/_oci.py", "templates/docker", "templates/flagscale"),
+    "image": (
+        "flagrelease/render.py",
+        "flagrelease/_oci.py",
+        "flagrelease/services",
+        "templates/docker",
+        "templates/flagscale",
+    ),
     "deploy": (
         "flagrelease/render.py",
         "flagrelease/runtime.py",
@@ -288,8 +323,9 @@ _STAGE_CODE: dict[str, tuple[str, ...]] = {
 def _code_digest(stage: str) -> str:
     from flagrelease.constants import REPO_ROOT
 
-    module = importlib.import_module(_MODULES[stage])
-    package = Path(module.__file__ or "").parent
+    # Found, not imported: a stage whose result is reused never loads its (heavy) code.
+    spec = importlib.util.find_spec(_MODULES[stage])
+    package = Path(spec.origin if spec is not None and spec.origin else "").parent
     files = sorted(f for f in package.rglob("*") if f.is_file() and "__pycache__" not in f.parts)
     for extra in _STAGE_CODE.get(stage, ()):
         target = REPO_ROOT / extra
@@ -316,7 +352,7 @@ def stage_fingerprint(ctx: ReleaseContext, stage: str) -> str:
         "code": _code_digest(stage),
         "options": {k: v for k, v in sorted(ctx.options.items()) if isinstance(v, str | int | float | bool)},
     }
-    known = {s: ctx.results.get(s) or load_stage_result(ctx.layout, s) for s in STAGE_INPUTS[stage]}
+    known = {s: ctx.results.get(s) or load_stage_result(ctx.layout, s) for s in stage_inputs(ctx.config, stage)}
     parts["upstream"] = {s: r.fingerprint for s, r in known.items() if r is not None}
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:24]

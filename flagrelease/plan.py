@@ -66,8 +66,13 @@ def _plan(cfg: ReleaseConfig) -> ReleasePlan:
         ),
         (
             "gate",
-            f"paired TOST, margin {cfg.gates.accuracy_margin} pts, alpha {cfg.gates.alpha}; "
-            f"throughput on/off >= {cfg.gates.throughput_min_ratio}",
+            (
+                f"relative rule, drop <= {cfg.gates.relative_margin:g}% of the reference"
+                if cfg.gates.rule == "relative"
+                else f"{'unpaired' if ref.mode == 'scores' else 'paired'} TOST, margin {cfg.gates.accuracy_margin} pts"
+            )
+            + f", alpha {cfg.gates.alpha}; throughput on/off >= {cfg.gates.throughput_min_ratio} "
+            f"({cfg.gates.throughput.trials} interleaved rounds)",
         ),
         ("card", f"{layout.card_path}"),
         (

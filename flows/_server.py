@@ -76,7 +76,8 @@ def prefect_api(*, timeout_s: float = 120.0) -> Iterator[str]:
     argv = [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).resolve().parent.parent)]
     argv += ["--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port)]
     argv += ["--log-level", "error", "--lifespan", "on"]
-    server = SupervisedProcess(argv, env=env, what="the temporary Prefect server", grace_s=3.0)
+    # Kept through an interruption, so the run can still report its state; stopped last, below.
+    server = SupervisedProcess(argv, env=env, what="the temporary Prefect server", grace_s=3.0, stop_on_exit=False)
     server.start()
     previous = os.environ.get("PREFECT_API_URL")
     try:

@@ -16,12 +16,11 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.futures import PrefectFuture
 
 from flagrelease._lease import release_lock
-from flagrelease.config import load_release
+from flagrelease.config import ReleaseConfig, load_release
 from flagrelease.constants import REPO_ROOT, release_configs_dir
 from flagrelease.errors import ConfigError
 from flagrelease.layout import BundleLayout
-from flagrelease.matrix import PAIR_SEPARATOR, load_matrix, matrix_files, split_pair_reference
-from flagrelease.pipeline import STAGE_INPUTS, STAGES, StageResult
+from flagrelease.pipeline import STAGES, StageResult, stage_inputs
 from flagrelease.roles import release_for_role
 from tasks import STAGE_TASKS
 from tasks.reference import reference
@@ -40,6 +39,8 @@ def resolve_config(config: str) -> Path:
     Raises:
         ConfigError: nothing matches; the message lists the known releases.
     """
+    from flagrelease.matrix import PAIR_SEPARATOR, load_matrix, matrix_files, split_pair_reference
+
     pair = split_pair_reference(config)
     candidates = [Path(config), REPO_ROOT / config, release_configs_dir() / f"{config}.yaml"]
     if pair is not None:
@@ -105,7 +106,9 @@ def flagrelease(
     root = BundleLayout.for_release(cfg).root
     with contextlib.nullcontext() if dry_run else release_lock(root, release=cfg.name):
         remote = "eval" in wanted and cfg is release and release.remote_reference and not dry_run
-        results = _run_stages(str(path), wanted, remote_reference=remote, dry_run=dry_run, force=force, options=options)
+        results = _run_stages(
+            str(path), cfg, wanted, remote_reference=remote, dry_run=dry_run, force=force, options=options
+        )
     create_markdown_artifact(
         _summary_markdown(cfg.name, results),
         key=f"release-{cfg.name}".replace(".", "-").replace("_", "-"),
@@ -116,6 +119,7 @@ def flagrelease(
 
 def _run_stages(
     config: str,
+    cfg: ReleaseConfig,
     wanted: list[str],
     *,
     remote_reference: bool,
@@ -125,33 +129,41 @@ def _run_stages(
 ) -> dict[str, dict[str, Any]]:
     """Run the stages in order, starting a later stage beside the current one once its inputs are done.
 
-    The image needs only the fetch (``STAGE_INPUTS``), so it runs beside the convert; a
-    live reference on another chip is started first, on its own pool, and the eval waits
-    for it.  Stages run in this thread (where their timeouts hold) unless started early in
-    a worker thread.  The first stage (in pipeline order) that failed raises, as before.
+    The image needs no stage (:func:`~flagrelease.pipeline.stage_inputs`), so it starts
+    at once, beside the fetch and the convert, and only the card and a deploy that runs
+    the image wait for it; a live reference on another chip is started first, on its own pool, and
+    the eval waits for it.  Stages run in this thread (where their timeouts hold) unless
+    started early, in a worker thread; a stage started early is waited for by the first
+    stage that needs it, or at the end.
     """
 
     def args(stage: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        upstream = {s: results[s] for s in STAGE_INPUTS[stage] if s in results}
+        for s in stage_inputs(cfg, stage):  # a stage started early is waited for when needed
+            if s in early and s not in results:
+                results[s] = early[s].result()
+        upstream = {s: results[s] for s in stage_inputs(cfg, stage) if s in results}
         return (config, upstream), {"dry_run": dry_run, "force": force, "options": options}
 
     results: dict[str, dict[str, Any]] = {}
     early: dict[str, PrefectFuture[dict[str, Any]]] = {}
     ref = reference.submit(config, force=force) if remote_reference else None
     for i, stage in enumerate(wanted):
-        if stage == "eval" and ref is not None:
-            results["reference"] = ref.result()
         if stage in early:
-            results[stage] = early[stage].result()
             continue
         for later in wanted[i + 1 :]:
-            inputs = [s for s in STAGE_INPUTS[later] if s in wanted]
+            inputs = [s for s in stage_inputs(cfg, later) if s in wanted]
             if later not in early and all(s in results for s in inputs):
                 a, kw = args(later)
                 early[later] = STAGE_TASKS[later].submit(*a, **kw)
+        if stage == "eval" and ref is not None:
+            results["reference"] = ref.result()
         a, kw = args(stage)
         results[stage] = STAGE_TASKS[stage](*a, **kw)
-    return results
+    for stage in wanted:
+        if stage not in results:
+            results[stage] = early[stage].result()
+    order = [n for s in wanted for n in (("reference", s) if s == "eval" and "reference" in results else (s,))]
+    return {s: results[s] for s in order}
 
 
 def run_release(

@@ -87,9 +87,9 @@ class _Progress:
         self.last = now
         value = min(max(fraction, 0.0), 1.0) * 100.0
         if self.artifact_id is None:
-            self.artifact_id = create_progress_artifact(value, key=self.key, description=self.description)
-            if not message:
-                return
+            described = f"{self.description}: {redact(message)}" if message else self.description
+            self.artifact_id = create_progress_artifact(value, key=self.key, description=described)
+            return
         update_progress_artifact(self.artifact_id, value, description=redact(message) or None)
 
 

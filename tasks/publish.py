@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 
 from flagrelease.pipeline import ReleaseContext
-from flagrelease.publish import credentials_from_secrets
 from tasks._common import stage_task
 
 __all__ = ["publish"]
@@ -26,6 +25,9 @@ def _secret(name: str) -> str | None:
 
 def _resolve_credentials(ctx: ReleaseContext) -> None:
     """Put tokens from Prefect Secret blocks into the stage's options (environment wins when unset)."""
+    # Imported here: the publish package is heavy, and a flow run that reuses the stage never needs it.
+    from flagrelease.publish import credentials_from_secrets
+
     ctx.options["publish_credentials"] = credentials_from_secrets(_secret)
 
 

@@ -19,7 +19,6 @@ from prefect.exceptions import ObjectNotFound
 
 from flagrelease.config import load_release
 from flagrelease.errors import EvalError
-from flagrelease.evaluate.reference import reference_ready
 from flagrelease.pipeline import StageResult
 from flagrelease.roles import reference_deployment_name
 from tasks._common import _artifact_key
@@ -39,6 +38,8 @@ def reference(config: str, force: bool = False) -> dict[str, Any]:
         EvalError: the reference deployment is missing, its run did not complete, or it
             completed without handing a current run over.
     """
+    from flagrelease.evaluate.reference import reference_ready  # the eval package is heavy: only when needed
+
     logger = get_run_logger()
     cfg = load_release(Path(config))
     ref = cfg.eval.reference

@@ -1,14 +1,16 @@
 """Loopback fakes of the Hugging Face Hub and ModelScope upload APIs, for the publish tests.
 
-These are fakes of a boundary no machine here can reach: the public Hugging Face Hub and
-ModelScope are outside the network, and neither ships a server one could run locally.
-Each fake implements only the few endpoints the real clients (``huggingface_hub`` and
-``modelscope``'s ``HubApi``) call to create a repo, list its files, pre-upload, send LFS
-objects and commit -- with the same request and response shapes, bearer-token checks and
-content checks (an LFS object whose bytes do not hash to its oid is refused) -- and keeps
-what it receives, so tests can download it back and compare checksums.  Hugging Face's
-Xet storage is not faked: tests turn it off, so ``huggingface_hub`` uses the LFS batch API,
-which the Hub also serves.
+These are fakes -- allowed here because they stand for a boundary no machine here can
+reach: the public Hugging Face Hub and ModelScope are outside the network, and neither
+ships a server one could run locally.  Each fake implements only the few endpoints the
+real clients (``huggingface_hub`` and ``modelscope``'s ``HubApi``) call to create a repo,
+read its info and visibility, list its files, pre-upload, send LFS objects, commit,
+change visibility (HF) and download a file -- with the same request and response shapes,
+bearer-token checks and content checks (an LFS object whose bytes do not hash to its oid
+is refused) -- and keeps what it receives, so tests can download it back and compare
+checksums.  Like the real hubs, a public repo can be read without a token and a private
+one cannot.  Hugging Face's Xet storage is not faked: tests turn it off, so
+``huggingface_hub`` uses the LFS batch API, which the Hub also serves.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class _Repo:
     private: bool
     files: dict[str, StoredFile] = field(default_factory=dict)
     commits: list[dict[str, Any]] = field(default_factory=list)
+    visibility_changes: list[str] = field(default_factory=list)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -76,15 +79,20 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length else b""
 
-    def _send(self, status: int, body: Any = None, headers: dict[str, str] | None = None) -> None:
+    def _send(
+        self, status: int, body: Any = None, headers: dict[str, str] | None = None, *, head: bool = False
+    ) -> None:
         data = b"" if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        if not (headers or {}).get("Content-Type"):
+            kind = "application/octet-stream" if isinstance(body, bytes) else "application/json"
+            self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(data)))
         for k, v in (headers or {}).items():
             self.send_header(k, v)
         self.end_headers()
-        self.wfile.write(data)
+        if not head:
+            self.wfile.write(data)
 
     def _handle(self, method: str) -> None:
         url = urlparse(self.path)
@@ -95,11 +103,13 @@ class _Handler(BaseHTTPRequestHandler):
         auth = self.headers.get("Authorization", "")
         cookie = self.headers.get("Cookie", "")
         presigned = parse_qs(url.query).get("sig") == [self.server.signature]  # like an S3 pre-signed URL
-        if token is not None and not presigned and auth != f"Bearer {token}" and f"m_session_id={token}" not in cookie:
+        authorized = token is None or presigned or auth == f"Bearer {token}" or f"m_session_id={token}" in cookie
+        anonymous_read = method in ("GET", "HEAD") and self.server.public_read(url.path)
+        if not authorized and not anonymous_read:
             self._send(401, {"error": "Invalid credentials", "Code": 401, "Message": "Unauthorized"})
             return
         status, payload, headers = self.server.route(method, url.path, parse_qs(url.query), body, self.headers)
-        self._send(status, payload, headers)
+        self._send(status, payload, headers, head=method == "HEAD")
 
     def do_GET(self) -> None:
         self._handle("GET")
@@ -126,6 +136,8 @@ class _FakeServer(ThreadingHTTPServer):
         self.requests: list[tuple[str, str]] = []
         self.blob_uploads = 0
         self.signature = uuid.uuid4().hex
+        #: Paths whose committed content the fake corrupts (a storage fault, for verification tests).
+        self.tamper: set[str] = set()
 
     @property
     def url(self) -> str:
@@ -135,6 +147,14 @@ class _FakeServer(ThreadingHTTPServer):
         self, method: str, path: str, query: dict[str, list[str]], body: bytes, headers: Any
     ) -> tuple[int, Any, dict[str, str] | None]:
         raise NotImplementedError
+
+    def public_read(self, path: str) -> bool:
+        """Whether ``path`` reads a public repo (allowed without a token, as on the real hub)."""
+        return False
+
+    def _public(self, repo_id: str) -> bool:
+        repo = self.repos.get(unquote(repo_id))
+        return repo is not None and not repo.private
 
     def _put_blob(self, oid: str, body: bytes) -> tuple[int, Any, None]:
         if hashlib.sha256(body).hexdigest() != oid:
@@ -175,6 +195,29 @@ class FakeHF(_FakeServer):
             if not isinstance(meta, dict):
                 return 400, {"error": "metadata must be a mapping"}, None
             return 200, {"errors": [], "warnings": []}, None
+        m = re.fullmatch(r"/api/models/([^/]+/[^/]+)(/settings)?", path)
+        if m:
+            repo = self.repos.get(m.group(1))
+            if repo is None:
+                return 404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"}
+            if m.group(2) and method == "PUT":
+                data = json.loads(body)
+                visibility = data.get("visibility")
+                if visibility not in ("public", "private") and "private" not in data:
+                    return 400, {"error": "fake Hub: give visibility"}, None
+                with self.lock:
+                    repo.private = visibility == "private" if visibility else bool(data["private"])
+                    repo.visibility_changes.append("private" if repo.private else "public")
+                return 200, {}, None
+            if not m.group(2) and method == "GET":
+                return 200, self._info(m.group(1), repo), None
+        m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
+        if m and method in ("GET", "HEAD"):
+            repo = self.repos.get(m.group(1))
+            stored = None if repo is None else repo.files.get(unquote(m.group(3)))
+            if stored is None:
+                return 404, {"error": "Entry not found"}, {"X-Error-Code": "EntryNotFound"}
+            return 200, stored.content, {"Content-Type": "application/octet-stream"}
         m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/(tree|preupload|commit|revision)/([^/]+)(/.*)?", path)
         if m:
             repo_id, what = m.group(1), m.group(2)
@@ -188,17 +231,7 @@ class FakeHF(_FakeServer):
             if what == "commit" and method == "POST":
                 return self._commit(repo_id, repo, body)
             if what == "revision" and method == "GET":
-                sha = repo.commits[-1]["oid"] if repo.commits else "0" * 40
-                return (
-                    200,
-                    {
-                        "id": repo_id,
-                        "sha": sha,
-                        "private": repo.private,
-                        "siblings": [{"rfilename": p} for p in sorted(repo.files)],
-                    },
-                    None,
-                )
+                return 200, self._info(repo_id, repo), None
         m = re.fullmatch(r"/([^/]+/[^/]+)\.git/info/lfs/objects/batch", path)
         if m and method == "POST":
             data = json.loads(body)
@@ -218,6 +251,23 @@ class FakeHF(_FakeServer):
         if m and method == "POST" and m.group(2):
             return (200, {}, None) if m.group(1) in self.blobs else (404, {"error": "object not found"}, None)
         return 404, {"error": f"fake Hub: no route {method} {path}"}, None
+
+    def public_read(self, path: str) -> bool:
+        m = re.fullmatch(r"/api/models/([^/]+/[^/]+)(/(tree|revision)/.*)?", path) or re.fullmatch(
+            r"/([^/]+/[^/]+)/resolve/.+", path
+        )
+        return m is not None and self._public(m.group(1))
+
+    @staticmethod
+    def _info(repo_id: str, repo: _Repo) -> dict[str, Any]:
+        sha = repo.commits[-1]["oid"] if repo.commits else "0" * 40
+        return {
+            "id": repo_id,
+            "modelId": repo_id,
+            "sha": sha,
+            "private": repo.private,
+            "siblings": [{"rfilename": p} for p in sorted(repo.files)],
+        }
 
     def _tree(self, repo: _Repo) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
@@ -261,6 +311,8 @@ class FakeHF(_FakeServer):
                 staged[value["path"]] = StoredFile(blob, lfs=True)
             else:
                 return 400, {"error": f"fake Hub: unsupported commit operation {item['key']}"}, None
+        for path in self.tamper & set(staged):
+            staged[path] = StoredFile(staged[path].content + b"\n(corrupted in storage)", lfs=staged[path].lfs)
         oid = uuid.uuid4().hex + uuid.uuid4().hex[:8]
         with self.lock:
             repo.files.update(staged)
@@ -294,6 +346,21 @@ class FakeModelScope(_FakeServer):
                     return 400, {"Code": 400, "Message": f"model {repo_id} already exists", "Success": False}, None
                 self.repos[repo_id] = _Repo(private=int(data.get("Visibility", 5)) == 1)
             return 200, self._ok({"Path": data["Path"], "Name": data["Name"]}), None
+        m = re.fullmatch(r"/api/v1/models/([^/]+/[^/]+)", path)
+        if m and method == "GET":
+            repo = self.repos.get(unquote(m.group(1)))
+            if repo is None:
+                return 404, {"Code": 10010205001, "Message": "model not found", "Success": False}, None
+            owner, name = unquote(m.group(1)).split("/")
+            info = {"Path": owner, "Name": name, "Visibility": 1 if repo.private else 5, "Private": repo.private}
+            return 200, self._ok(info), None
+        m = re.fullmatch(r"/api/v1/models/([^/]+/[^/]+)/repo", path)
+        if m and method in ("GET", "HEAD"):
+            repo = self.repos.get(unquote(m.group(1)))
+            stored = None if repo is None else repo.files.get(query.get("FilePath", [""])[0])
+            if stored is None:
+                return 404, {"Code": 404, "Message": "file not found", "Success": False}, None
+            return 200, stored.content, {"Content-Type": "application/octet-stream"}
         m = re.fullmatch(r"/api/v1/models/([^/]+/[^/]+)/repo/files", path)
         if m and method == "GET":
             repo = self.repos.get(unquote(m.group(1)))
@@ -351,6 +418,10 @@ class FakeModelScope(_FakeServer):
                 repo.commits.append({"oid": oid, "summary": data["commit_message"], "paths": sorted(staged)})
             return 200, self._ok({"sha": oid}), None
         return 404, {"Code": 404, "Message": f"fake ModelScope: no route {method} {path}", "Success": False}, None
+
+    def public_read(self, path: str) -> bool:
+        m = re.fullmatch(r"/api/v1/models/([^/]+/[^/]+)(/repo|/repo/files)?", path)
+        return m is not None and self._public(m.group(1))
 
     def files(self, repo_id: str) -> dict[str, StoredFile]:
         """The files the fake holds for ``repo_id``."""

@@ -44,16 +44,20 @@ def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Point flagrelease's state at a per-test folder (caches: one per session); never touch real state.
 
     The serving runtime (a large venv) is shared: it lives in FLAGRELEASE_RUNTIMES, which
-    this fixture leaves alone when set, else points at the real default location.
+    this fixture leaves alone when set, else points at the real default location.  So are
+    the services flagrelease starts (its dockerd with the base images it made, the local
+    registry): FLAGRELEASE_SERVICES, likewise.
     """
     import os
 
     from flagrelease import constants
 
     runtimes = os.environ.get("FLAGRELEASE_RUNTIMES") or str(constants.runtimes_dir())
+    services = os.environ.get("FLAGRELEASE_SERVICES") or str(constants.services_dir())
     home = tmp_path / "flagrelease-home"
     monkeypatch.setenv("FLAGRELEASE_HOME", str(home))
     monkeypatch.setenv("FLAGRELEASE_RUNTIMES", runtimes)
+    monkeypatch.setenv("FLAGRELEASE_SERVICES", services)
     for secret in constants.SECRET_ENV_VARS:
         monkeypatch.delenv(secret, raising=False)
     return home

@@ -18,9 +18,10 @@ import pytest
 import yaml
 
 from flagrelease.constants import REPO_ROOT
+from flagrelease.services import LocalRegistry, ensure_registry
 from tests.fixtures_prefect import PrefectServer, free_port
 
-__all__ = ["DemoRun", "demo_run", "write_demo_config"]
+__all__ = ["DemoRun", "demo_registry", "demo_run", "write_demo_config"]
 
 DEMO = REPO_ROOT / "release_configs" / "demo-tiny-cpu.yaml"
 FLAGRELEASE = str(Path(sys.executable).parent / "flagrelease")
@@ -65,7 +66,24 @@ class DemoRun:
 
 
 @pytest.fixture(scope="session")
-def demo_run(tmp_path_factory: pytest.TempPathFactory, prefect_server: PrefectServer) -> Iterator[DemoRun]:
+def demo_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRegistry]:
+    """The loopback registry the demo pushes its image to, held for the whole session.
+
+    A registry the demo's run started itself would stop when the run ends; the card
+    replay test (tests/test_bundle_replay.py) pulls the image from it afterwards.
+    """
+    address = str(yaml.safe_load(DEMO.read_text())["image"]["registry"])
+    registry = ensure_registry(address, root=tmp_path_factory.mktemp("demo-registry"))
+    try:
+        yield registry
+    finally:
+        registry.close()
+
+
+@pytest.fixture(scope="session")
+def demo_run(
+    tmp_path_factory: pytest.TempPathFactory, prefect_server: PrefectServer, demo_registry: LocalRegistry
+) -> Iterator[DemoRun]:
     """Run ``flagrelease run`` on the demo config against the session's Prefect server."""
     root = tmp_path_factory.mktemp("demo-release")
     config = write_demo_config(root / "configs", root)

@@ -8,6 +8,9 @@ in order, in one ``bash -euo pipefail`` in an empty folder: copy the bundle with
 weights, pull the image by digest from the loopback registry, start the server in a
 container on the CPU exactly as written, and send the card's request.  The answer must be
 the sum the TinyArith question asks for.  Any block that fails fails the test.
+
+A second test scans every text file of the published bundle (card, manifest, serve
+configs, logs, evaluation results) for the build machine's folders and host name.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -24,7 +28,8 @@ from typing import Any
 import pytest
 
 from flagrelease._oci import parse_reference
-from flagrelease.services import ensure_registry, registry_answers
+from flagrelease.constants import REPO_ROOT
+from flagrelease.services import LocalRegistry
 from tests.fixtures_demo import DemoRun
 
 pytestmark = [pytest.mark.slow, pytest.mark.docker, pytest.mark.vllm]
@@ -62,7 +67,9 @@ def _docker(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]
     return subprocess.run(["docker", *args], env=env, capture_output=True, text=True, timeout=120, check=False)
 
 
-def test_the_published_card_runs_as_written(demo_run: DemoRun, docker_engine: Any, tmp_path: Path) -> None:
+def test_the_published_card_runs_as_written(
+    demo_run: DemoRun, demo_registry: LocalRegistry, docker_engine: Any, tmp_path: Path
+) -> None:
     published = demo_run.root / "publish"
     card = (published / "README.md").read_text()
     manifest = json.loads((published / "flagrelease.json").read_text())
@@ -88,12 +95,9 @@ def test_the_published_card_runs_as_written(demo_run: DemoRun, docker_engine: An
             block = block.replace(token, shlex.quote(values[token]))
         script += [f"echo '>>> step {i}' >&2", block]
 
-    # The image lies in the loopback registry the card names; keep it serving while we pull.
+    # The image lies in the loopback registry the card names (held for the session by ``demo_registry``).
     pull = manifest["image"]["digest"] and parse_reference(str(manifest["image"]["ref"]))
-    assert pull and pull.registry, f"the demo pushed no image: {manifest['image']}"
-    registry = None
-    if not registry_answers(f"http://{pull.registry}"):
-        registry = ensure_registry(pull.registry)
+    assert pull and pull.registry == demo_registry.host, f"the demo pushed no image there: {manifest['image']}"
 
     # The user's environment: a Docker engine to talk to (the session's), nothing of flagrelease's.
     env = {**os.environ, "HOME": str(tmp_path / "home"), "DOCKER_HOST": docker_engine.base_url}
@@ -114,8 +118,6 @@ def test_the_published_card_runs_as_written(demo_run: DemoRun, docker_engine: An
     finally:
         if name:
             _docker(env, "rm", "--force", name)
-        if registry is not None:
-            registry.close()
     assert proc.returncode == 0, (
         f"a step of the card failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}\n{proc.stdout[-2000:]}\n{logs}"
     )
@@ -130,3 +132,39 @@ def test_the_published_card_runs_as_written(demo_run: DemoRun, docker_engine: An
     text = choice["message"]["content"] if "message" in choice else choice["text"]
     assert re.findall(r"-?\d+", text)[:1] == [str(int(m.group(1)) + int(m.group(2)))], (question, text)
     assert f"answered `{text.strip()}`" in card  # what the card says the model answers
+
+
+def _text_files(folder: Path) -> list[Path]:
+    out = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        if b"\0" not in data[: 1 << 16]:
+            out.append(path)
+    return out
+
+
+def test_the_published_bundle_names_no_path_of_the_build_machine(
+    demo_run: DemoRun, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    published = demo_run.root / "publish"
+    roots = {
+        "the demo's folder (work dir, config, source model, publish folder)": demo_run.root,
+        "the test session's temporary folder (caches, Prefect home)": tmp_path_factory.getbasetemp(),
+        "the home folder": Path.home(),
+        "the checkout": REPO_ROOT,
+    }
+    needles = {what: {str(p), str(p.resolve())} for what, p in roots.items()}
+    host = socket.gethostname()
+    files = _text_files(published)
+    assert (published / "flagrelease.json") in files and (published / "README.md") in files
+    assert any(f.suffix == ".log" for f in files), "the bundle's logs are not published"
+    found = []
+    for path in files:
+        text = path.read_text(errors="replace")
+        for what, spellings in needles.items():
+            for s in spellings:
+                if re.search(re.escape(s) + r"(?![\w-])", text):
+                    found.append(f"{path.relative_to(published)}: {what} ({s})")
+        if re.search(rf"(?<![\w.-]){re.escape(host)}(?![\w.-])", text):
+            found.append(f"{path.relative_to(published)}: the host name ({host})")
+    assert not found, "build-machine paths in the published bundle:\n" + "\n".join(found[:40])

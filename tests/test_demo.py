@@ -48,6 +48,19 @@ def test_dockerfile_was_rendered_for_the_cpu_chip(demo_run: DemoRun) -> None:
     assert "FROM " in dockerfile and "USE_FLAGGEMS" in dockerfile and "HEALTHCHECK" in dockerfile
 
 
+def test_image_was_built_pushed_and_is_named_by_digest(demo_run: DemoRun) -> None:
+    """On a fresh machine as root: flagrelease starts dockerd and the registry, makes the base, builds, pushes."""
+    state = demo_run.state("image")
+    out = state["outputs"]
+    assert state["status"] == "ok", state["summary"]
+    assert out["built"] and out["pushed"] and out["warning"] is None
+    assert out["digest"].startswith("sha256:") and out["pushed_ref"] == f"127.0.0.1:5000/flagrelease@{out['digest']}"
+    assert out["base_image"] == "127.0.0.1:5000/flagrelease/vllm-cpu-base:0.32.0"
+    context = demo_run.work / "bundle" / out["bundle_context"]
+    assert (context / "Dockerfile").read_text() == Path(out["dockerfile"]).read_text()
+    assert (context / "build" / "install.py").is_file() and list((context / "build" / "dist").glob("*.whl"))
+
+
 def test_deploy_served_and_load_tested(demo_run: DemoRun) -> None:
     out = demo_run.state("deploy")["outputs"]
     rows = out["load_test"]["rows"] if isinstance(out["load_test"], dict) else out["load_test"]

@@ -247,6 +247,12 @@ def test_failed_run_resumes_at_the_failed_stage(
     assert after == before, "stages before the failed one must not run again"
 
 
+def test_the_image_ran_beside_the_fetch_and_the_convert(demo_run: DemoRun) -> None:
+    """The image needs no stage: the flow starts it at once, so it does not wait for the convert to end."""
+    assert demo_run.state("image")["started_at"] < demo_run.state("convert")["finished_at"]
+    assert demo_run.state("deploy")["started_at"] >= demo_run.state("convert")["finished_at"]
+
+
 def test_stage_artifacts_are_published(demo_run: DemoRun, prefect_server: PrefectServer) -> None:
     resp = httpx.post(f"{prefect_server.api_url}/artifacts/filter", json={"limit": 200}, timeout=30)
     keys = {a.get("key") for a in resp.json()}
@@ -517,6 +523,8 @@ def test_matrix_runs_each_pair_on_its_pool_and_publishes_the_support_table(
     assert cpu["status"] in ("released", "gate-failed") and cpu["verdict"] in ("consistent", "inconclusive")
     assert set(cpu["scores"]) == {"tinyarith", "tinyarith_mc"} and cpu["scores"]["tinyarith"]["score"] >= 50
     assert cpu["throughput"] and cpu["throughput"]["ratio"] > 0
+    lo, hi = cpu["throughput"]["ci"]  # the gate's interval of the FlagGems on/off ratio
+    assert 0 < lo <= hi
     assert (cpu["bundle_url"], cpu_b["bundle_url"]) == ("cpu/", "cpu-b/")
     assert (m.publish / "cpu" / "flagrelease.json").is_file() and (m.publish / "cpu-b" / "README.md").is_file()
     assert set(cpu_b["scores"]) == {"tinyarith_mc"} and cpu_b["scores"]["tinyarith_mc"]["score"] >= 50

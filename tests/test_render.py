@@ -35,6 +35,7 @@ from flagrelease.render import (
     render_serve_configs,
     serve_command,
     serve_env,
+    serve_files,
     vllm_args,
 )
 
@@ -337,7 +338,8 @@ def test_vendor_chip_refuses_a_vllm_pin() -> None:
 
 # -- Dockerfiles -----------------------------------------------------------------------------------
 def _family_config(chip: str) -> ReleaseConfig:
-    return _config(chip=chip, **{"serve.model_dir": "/models/tiny-qwen2"})
+    # Each family's Dockerfile FROM its chip's own base (the demo config overrides it for the cpu).
+    return _config(chip=chip, **{"serve.model_dir": "/models/tiny-qwen2", "image.base": None})
 
 
 @pytest.mark.parametrize("chip", list_chips())
@@ -430,3 +432,38 @@ def test_cli_render(tmp_path: Path) -> None:
     # Two nodes: vLLM runs on the Ray head, through node_line (the release's environment, its container).
     last = (tmp_path / "out" / "vllm_serve.sh").read_text().rsplit('exec bash -c "$(node_line "$HEAD" \\\n', 1)[1]
     assert shlex.split(last.replace(')"', ""))[:3] == ["vllm", "serve", "/data1/models/DeepSeek-R1-INT8"]
+
+
+# -- quoting helpers for every target (issue 12, item 2) -------------------------------------------
+def test_markdown_helpers_keep_a_value_in_its_place() -> None:
+    from flagrelease.render import markdown_cell, markdown_code, markdown_text
+
+    assert markdown_text("GSM8K (EM)") == "GSM8K (EM)" and markdown_text("tinyarith_mc") == "tinyarith_mc"
+    assert markdown_text("# x [a](javascript:1) <b> | *y*") == r"\# x \[a\](javascript:1) \<b\> \| \*y\*"
+    assert markdown_cell("a|b") == r"a\|b" and markdown_cell(r"a\|b") == r"a\|b"
+    assert markdown_code("plain") == "`plain`" and markdown_code("a`b") == "``a`b``"
+    assert markdown_code("`x") == "`` `x ``"
+    with pytest.raises(ConfigError, match="newline or control character"):
+        markdown_cell("a\nb")
+
+
+def test_omegaconf_reads_every_escaped_value_as_written() -> None:
+    from omegaconf import OmegaConf
+
+    from flagrelease.render import omegaconf_escape
+
+    values = ["${X:-y}", "export X=${HOME}", "a\\${X}", "a\\\\${X}", "x\\y", "$${a}", "${", "\\", "${oc.env:AWS}"]
+    data = {f"k{i}": omegaconf_escape(v) for i, v in enumerate(values)}
+    resolved = OmegaConf.to_container(OmegaConf.create(yaml.safe_dump(data)), resolve=True)
+    assert resolved == {f"k{i}": v for i, v in enumerate(values)}
+
+
+def test_secret_references_are_read_where_the_files_run(tmp_path: Path) -> None:
+    cfg = _config(**{"serve.envs": {"HF_TOKEN": {"secret": "RELEASE_TOKEN"}, "PLAIN": "1"}})
+    files = serve_files(cfg, model_path="/m")
+    script = files["vllm_serve.sh"]
+    assert 'export HF_TOKEN="${RELEASE_TOKEN:?set RELEASE_TOKEN in the environment' in script
+    assert "export PLAIN=1" in script
+    experiment = yaml.safe_load(files["config_tiny_qwen2.yaml"])["experiment"]
+    assert experiment["envs"] == {"PLAIN": 1, "HF_TOKEN": "${oc.env:RELEASE_TOKEN}"}
+    assert "HF_TOKEN" not in render_dockerfile(cfg, commit=COMMIT)

@@ -388,7 +388,8 @@ def recorded_steps(cfg: ReleaseConfig, manifest: Mapping[str, Any]) -> dict[str,
     elif first["source"] == "config":
         start_note = f"Not run here: {first['reason']}."
     elif first["image"] and first["ran"]:
-        start_note = "The deploy stage ran this container (image by digest):"
+        pinned = " (image by digest)" if "@sha256:" in str(first["image"]) else ""
+        start_note = f"The deploy stage ran this container{pinned}:"
     elif first["ran"]:
         start_note = (
             f'The deploy stage ran this server on the {cfg.runtime.value} runtime (see "What this release ran" '

@@ -21,7 +21,7 @@ from typing import Any
 
 from flagrelease._atomic import atomic_write_bytes
 from flagrelease.config import ReleaseConfig
-from flagrelease.constants import REPO_ROOT, home_dir, runtimes_dir
+from flagrelease.constants import REPO_ROOT, cache_dir, home_dir, runtimes_dir, services_dir
 from flagrelease.layout import BundleLayout
 
 __all__ = ["PLACEHOLDERS", "BuildPaths", "build_paths"]
@@ -35,6 +35,8 @@ PLACEHOLDERS: dict[str, str] = {
     "<MODEL_SOURCE>": "the local folder the source weights were read from (model.path)",
     "<CONFIG_DIR>": "the folder of the release config file",
     "<RUNTIMES>": "flagrelease's serving runtimes (virtual environments) on that machine",
+    "<CACHE>": "flagrelease's download and model cache on that machine",
+    "<SERVICES>": "the state of the Docker engine and registry flagrelease ran on that machine",
     "<FLAGRELEASE_HOME>": "flagrelease's state and caches on that machine",
     "<CHECKOUT>": "the flagrelease checkout that made the release",
     "<HOME>": "the home folder of the user who made the release",
@@ -141,6 +143,8 @@ def build_paths(cfg: ReleaseConfig, *, layout: BundleLayout, config_path: Path |
         (cfg.model.path, "<MODEL_SOURCE>"),
         (config_path.parent if config_path else None, "<CONFIG_DIR>"),
         (runtimes_dir(), "<RUNTIMES>"),
+        (cache_dir(), "<CACHE>"),
+        (services_dir(), "<SERVICES>"),
         (home_dir(), "<FLAGRELEASE_HOME>"),
         (REPO_ROOT, "<CHECKOUT>"),
         (Path.home(), "<HOME>"),

@@ -53,6 +53,17 @@ def _copy_context(up: Upstream, dst: Path) -> None:
         shutil.copytree(context, tmp, symlinks=False, dirs_exist_ok=True)
 
 
+def _published_weights(ctx: ReleaseContext, up: Upstream) -> Path | None:
+    """The converted weights folder when the bundle publishes it, else None (source weights stay as fetched)."""
+    pub = ctx.config.publish
+    if up.convert is None or up.convert.mode == "none":
+        return None
+    if not (pub.hf_repo or pub.modelscope_repo or pub.s3 or pub.local_dir):
+        return None
+    folder = Path(up.convert.model_dir)
+    return folder if folder.is_dir() and not folder.is_symlink() else None
+
+
 def run_stage(ctx: ReleaseContext) -> StageResult:
     """The card stage: write the card to ``bundle/README.md`` and the manifest to ``bundle/flagrelease.json``.
 
@@ -84,6 +95,9 @@ def run_stage(ctx: ReleaseContext) -> StageResult:
     paths = build_paths(cfg, layout=layout, config_path=ctx.config_path)
     if not ctx.dry_run:
         paths.scrub_tree(layout.bundle_dir, skip={"README.md", MANIFEST_NAME})
+        weights = _published_weights(ctx, up)
+        if weights is not None:  # published with the bundle: their text files (a fetch manifest, say) too
+            paths.scrub_tree(weights, skip={"README.md", MANIFEST_NAME})
 
     ctx.progress("card", 0.3, "hashing files")
     cache = HashCache(layout.state_dir / "hashes.json")

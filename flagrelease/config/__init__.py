@@ -5,6 +5,13 @@ Defaults live here and nowhere else.  :func:`load_release` reads a file and rais
 value and the valid choices.  One module per part: ``_model`` (model, convert, image),
 ``_serve``, ``_eval`` (eval, gates), ``_publish``, ``_release`` (the whole config and its
 cross-section rules) and ``_load`` (files).
+
+Hostile or mistaken input stops here (issue 12): ``_yaml`` reads a file within bounds
+(size, depth, aliases, duplicate keys, UTF-8), ``_grammar`` gives every string a grammar,
+``_base`` keeps numbers finite and bounded and text free of control characters, ``_load``
+refuses literal secrets (``{secret: NAME}`` references instead, :class:`SecretRef`) and
+``_engine_check`` checks engine args against the argument parser of the vLLM that will
+serve them.
 """
 
 from __future__ import annotations

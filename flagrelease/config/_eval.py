@@ -154,6 +154,11 @@ class ThroughputGate(_Strict):
         description="both: both arms served at once; alternate: one at a time, in four servings (A B B A); "
         "auto: both on the cpu chip, alternate elsewhere.",
     )
+    metric: Literal["auto", "wall", "cpu"] = Field(
+        default="auto",
+        description="What the ratio compares: output tokens per second of wall time, or of the server's own CPU "
+        "time (local servers only); auto: cpu on the cpu chip, whose cores other work shares, wall elsewhere.",
+    )
     timeout_s: float = Field(default=300, gt=0)
 
 

@@ -33,6 +33,7 @@ def _format_errors(path: str, err: ValidationError) -> list[tuple[str, str]]:
             e["type"] not in ("missing", "extra_forbidden")
             and isinstance(bad, str | int | float | bool)
             and repr(bad) not in msg
+            and str(bad).lower() not in msg.lower()
         ):
             shown = repr(bad) if len(repr(bad)) <= 80 else repr(bad)[:77] + "..."
             msg = f"{msg} (got {shown})"

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Literal
 
 from pydantic import (
+    Field,
     field_validator,
 )
 
@@ -59,6 +61,13 @@ class PublishSection(_Strict):
     registry: str | None = None
     local_dir: Path | None = None
     private: bool = False
+    allow_verdicts: list[Literal["inconclusive", "missing"]] = Field(
+        default_factory=list,
+        description=(
+            "Gate verdicts that may be published anyway (with a banner on the card); by default only a "
+            "consistent release is published. 'missing' covers a release with no gate verdict."
+        ),
+    )
 
     @field_validator("hf_repo", "modelscope_repo")
     @classmethod

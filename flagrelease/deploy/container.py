@@ -6,7 +6,8 @@ as ``-e`` options, and the engine's port published on ``127.0.0.1`` only (unless
 chip's flags put it on the host network, where vLLM listens on the configured host
 itself).  Its command is the release's vLLM command with the image's python
 (:attr:`ChipProfile.python`).  ``docker logs -f`` streams into the engine log from the
-start, and teardown is ``docker rm -f``, always.
+start, and teardown is ``docker rm -f``, always.  A container whose owner was killed before
+its teardown (SIGKILL) carries the owner in a label and is removed at the next start.
 
 The Docker CLI is used (argv lists, never a shell) so the same flags the chip profile
 lists for FlagScale's ``docker run`` reach Docker unchanged.  ``DOCKER_HOST`` is honoured.
@@ -28,6 +29,8 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 
+import psutil
+
 from flagrelease import render
 from flagrelease._redact import redact
 from flagrelease.deploy._health import check_port_free, wait_ready
@@ -37,11 +40,13 @@ from flagrelease.deploy.outputs import ExecutedCommand
 from flagrelease.errors import DeployError
 
 __all__ = [
+    "OWNER_LABEL",
     "RECORD_MOUNT",
     "container_command",
     "container_record",
     "docker_run_argv",
     "model_mount",
+    "reap_containers",
     "serve_container",
 ]
 
@@ -49,6 +54,8 @@ log = logging.getLogger("flagrelease.deploy")
 
 #: Where the FlagGems operator record folder is mounted inside the container.
 RECORD_MOUNT = "/var/run/flagrelease-gems"
+#: The label naming the process that started a serving container (``pid:start-time``).
+OWNER_LABEL = "io.flagrelease.owner"
 _HOST_NET = ("--net=host", "--network=host")
 
 
@@ -66,6 +73,48 @@ def _host_network(flags: list[str]) -> bool:
     if any(f in _HOST_NET for f in flags):
         return True
     return any(a in ("--net", "--network") and b == "host" for a, b in itertools.pairwise(flags))
+
+
+def _owner(pid: int | None = None) -> str:
+    """``pid:start-time`` of a process (default: this one), which a reused pid does not match."""
+    pid = os.getpid() if pid is None else pid
+    try:
+        return f"{pid}:{psutil.Process(pid).create_time():.0f}"
+    except psutil.Error:
+        return f"{pid}:0"
+
+
+def reap_containers(docker: str) -> list[str]:
+    """Remove serving containers whose owner process is gone (it was killed before its teardown).
+
+    Returns:
+        The names of the containers removed.
+    """
+    proc = subprocess.run(
+        [
+            docker,
+            "ps",
+            "--all",
+            "--filter",
+            "label=io.flagrelease.serve=1",
+            "--format",
+            f'{{{{.Names}}}} {{{{.Label "{OWNER_LABEL}"}}}}',
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    gone = []
+    for line in proc.stdout.splitlines():
+        name, _, owner = line.strip().partition(" ")
+        pid = owner.partition(":")[0]
+        if not name or not pid.isdigit() or _owner(int(pid)) == owner:
+            continue  # no owner recorded, or its owner still runs
+        log.warning("removing the serving container %s: the process that started it (%s) is gone", name, owner)
+        subprocess.run([docker, "rm", "--force", name], capture_output=True, timeout=120, check=False)
+        gone.append(name)
+    return gone
 
 
 def model_mount(plan: ServePlan) -> str:
@@ -90,6 +139,7 @@ def docker_run_argv(plan: ServePlan, *, image_ref: str, name: str, docker_args: 
     flags = list(cfg.chip_profile.docker_run_flags)
     argv = ["run", "--detach", "--name", name, "--label", "io.flagrelease.serve=1"]
     argv += ["--label", f"io.flagrelease.release={cfg.name}", "--label", f"io.flagrelease.variant={plan.variant}"]
+    argv += ["--label", f"{OWNER_LABEL}={_owner()}"]  # reaped by the next start if its owner is gone
     argv += flags
     argv += ["--volume", f"{plan.model_dir}:{model_mount(plan)}:ro"]
     env = dict(plan.env)
@@ -171,6 +221,7 @@ def serve_container(
             taken, the engine exits during start or is not ready in time.
     """
     docker = _docker()
+    reap_containers(docker)
     check_port_free("127.0.0.1", plan.port, what=f"the container ({plan.variant})")
     name = f"flagrelease-{plan.cfg.name}-{plan.variant}-{secrets.token_hex(3)}"
     # The container may run as a non-root user; it writes its operator record here.

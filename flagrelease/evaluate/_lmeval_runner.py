@@ -10,11 +10,9 @@ that a run cut short by a dying server resumes where it stopped.  The runner rep
 its outcome in a JSON file named by the spec.  Reading the output is
 :mod:`flagrelease.samples`.
 
-A spec may ask for a truncation probe first (``probe``: items per task and the largest
-share of answers cut at ``max_tokens`` allowed): the first items of each generative task
-are run on their own, and when too many answers stop for length the runner stops with
-the error kind ``truncated`` before the long runs.  The probe's responses are cached like
-any other, so the runs that follow reuse them.
+A spec may ask for a truncation probe first (``probe``): the first items of each
+generative task run alone, and when too many answers stop at ``max_tokens`` the runner
+stops (error kind ``truncated``) before the long runs, which reuse the probe's answers.
 """
 
 from __future__ import annotations

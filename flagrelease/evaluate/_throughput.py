@@ -11,6 +11,11 @@ benchmark, off and off) the way a noisy machine needs:
 * every trial the same: ``requests`` streamed completions at a fixed ``concurrency``, the
   same prompt, exactly ``max_tokens`` output tokens each (``ignore_eos``).
 
+Each trial records output tokens per second of wall time, and, when the server is a
+process tree on this machine (the local runtime), the CPU seconds that tree spent on it:
+on a shared CPU host the wall clock mostly measures the other tenants, while the
+server's own CPU time per token measures the work FlagGems changes (``gates.throughput.metric``).
+
 Both arms are served at once (``servers: both``; only one is ever under load), or one at
 a time (``alternate``, for chips where two servers do not fit): four servings in the
 order A B B A, each running half the rounds' trials of its arm, so that a linear drift
@@ -29,6 +34,8 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
+
+import psutil
 
 from flagrelease.config import LoadTestSettings, ThroughputGate
 from flagrelease.errors import DeployError, EvalError
@@ -115,6 +122,23 @@ def measure_throughput(
     return float(row["output_tokens_per_s"])
 
 
+def _cpu_seconds(endpoint: Endpoint) -> float | None:
+    """CPU seconds (user + system) the server's process tree has used so far; None when it is not local."""
+    pid = getattr(endpoint, "pid", None)
+    if not isinstance(pid, int):
+        return None
+    try:
+        root = psutil.Process(pid)
+        total = 0.0
+        for proc in [root, *root.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                times = proc.cpu_times()
+                total += times.user + times.system
+    except psutil.Error:
+        return None
+    return total
+
+
 def servers_mode(settings: ThroughputGate, *, chip: str) -> str:
     """``both`` or ``alternate``: what ``servers: auto`` means on ``chip``."""
     if settings.servers != "auto":
@@ -146,7 +170,7 @@ def measure_interleaved(
     Returns:
         ``arms`` (``{"a": name, "b": name}``), ``servers``, ``settings``, ``trials`` (one
         dict per trial: round, position, arm, tok_s, requests, ok, output_tokens,
-        duration_s, at_s) and ``seconds`` (wall time, serving included).  ``alternate``
+        duration_s, at_s, cpu_s) and ``seconds`` (wall time, serving included).  ``alternate``
         runs an even number of rounds (``trials`` rounded up).
 
     Raises:
@@ -167,7 +191,10 @@ def measure_interleaved(
 
     def trial(endpoint: Endpoint, arm: Arm, rnd: int, position: int) -> None:
         at = time.monotonic() - started
+        cpu_before = _cpu_seconds(endpoint)
         row = _level(endpoint, requests=settings.requests, **level)
+        cpu_after = _cpu_seconds(endpoint)
+        cpu = None if cpu_before is None or cpu_after is None else round(cpu_after - cpu_before, 3)
         trials.append(
             {
                 "round": rnd,
@@ -179,6 +206,7 @@ def measure_interleaved(
                 "output_tokens": int(row["output_tokens"]),
                 "duration_s": float(row["duration_s"]),
                 "at_s": round(at, 2),
+                "cpu_s": cpu,
             }
         )
         if progress is not None:

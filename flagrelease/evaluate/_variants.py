@@ -29,6 +29,7 @@ from flagrelease.config import EvalTask
 from flagrelease.convert.outputs import ConvertOutputs
 from flagrelease.errors import ConfigError, EvalError
 from flagrelease.evaluate._run import Endpoint, EvalRun, evaluate_endpoint
+from flagrelease.evaluate._throughput import measure_throughput
 from flagrelease.evaluate.reference import reference_ready
 from flagrelease.fetch.outputs import FetchOutputs
 from flagrelease.pipeline import ReleaseContext
@@ -293,8 +294,6 @@ def evaluate_live(
             if plan.flaggems and callable(record):
                 run.gems_ops = sorted(record())
             if throughput:
-                from flagrelease.evaluate._throughput import measure_throughput
-
                 lt = cfg.serve.load_test
                 run.throughput = measure_throughput(
                     endpoint,

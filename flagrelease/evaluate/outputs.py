@@ -67,6 +67,7 @@ class ThroughputTrial(StageOutputs):
         output_tokens: tokens generated.
         duration_s: the trial's wall time.
         at_s: when it started, seconds after the first.
+        cpu_s: CPU seconds the server's process tree spent on it (local runtime), else None.
     """
 
     round: int
@@ -78,6 +79,13 @@ class ThroughputTrial(StageOutputs):
     output_tokens: int
     duration_s: float
     at_s: float
+    cpu_s: float | None = None
+
+    def rate(self, metric: str) -> float | None:
+        """Output tokens per second of wall time (``wall``) or of the server's CPU time (``cpu``)."""
+        if metric == "wall":
+            return self.tok_s
+        return self.output_tokens / self.cpu_s if self.cpu_s and self.output_tokens else None
 
 
 class ThroughputOutputs(StageOutputs):

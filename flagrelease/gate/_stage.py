@@ -13,7 +13,7 @@ from flagrelease.errors import GateError
 from flagrelease.evaluate.outputs import EvalOutputs, VariantOutputs
 from flagrelease.gate._compare import Rule, broken_target_report, gate_dirs, gate_scores
 from flagrelease.gate._report import BenchmarkSpec, GateReport
-from flagrelease.gate._throughput import single_ratio, throughput_verdict
+from flagrelease.gate._throughput import pick_metric, single_ratio, throughput_verdict
 from flagrelease.gate.outputs import GateOutputs
 from flagrelease.pipeline import ReleaseContext, StageResult
 from flagrelease.samples import ReferenceScores, SamplesError, load_reference_scores
@@ -56,8 +56,13 @@ def _reference(ctx: ReleaseContext, ref: VariantOutputs) -> Path | ReferenceScor
 def _throughput(ctx: ReleaseContext, ev: EvalOutputs, off: VariantOutputs) -> dict[str, Any] | None:
     g = ctx.config.gates
     if ev.throughput is not None:
+        metric = pick_metric(ev.throughput, setting=g.throughput.metric, chip=ctx.config.chip)
         found = throughput_verdict(
-            ev.throughput, min_ratio=g.throughput_min_ratio, alpha=g.alpha, resamples=g.bootstrap_resamples
+            ev.throughput,
+            min_ratio=g.throughput_min_ratio,
+            alpha=g.alpha,
+            resamples=g.bootstrap_resamples,
+            metric=metric,
         )
         if found is not None:
             return found

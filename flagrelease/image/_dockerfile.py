@@ -13,6 +13,7 @@ FlagScale ``conf/`` folder and the Docker build context::
 
 from __future__ import annotations
 
+import itertools
 import re
 import shutil
 import subprocess
@@ -229,6 +230,25 @@ def _family(chip: ChipProfile) -> str:
     return chip.dockerfile_template.split(".", 1)[0]
 
 
+_HOST_NETWORK = ("--net=host", "--network=host")
+
+
+def _in_container(cfg: ReleaseConfig) -> ReleaseConfig:
+    """``cfg`` as the image's CMD serves it: on every address of the container, unless on the host's network.
+
+    A server bound to 127.0.0.1 inside a container cannot be reached through a published
+    port; ``docker run -p 127.0.0.1:PORT:PORT`` decides who may reach it on the host.
+    """
+    flags = list(cfg.chip_profile.docker_run_flags)
+    host_net = any(f in _HOST_NETWORK for f in flags) or any(
+        a in ("--net", "--network") and b == "host" for a, b in itertools.pairwise(flags)
+    )
+    if host_net or cfg.serve.engine_args.host not in ("127.0.0.1", "localhost", "::1"):
+        return cfg
+    args = cfg.serve.engine_args.model_copy(update={"host": "0.0.0.0"})
+    return cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"engine_args": args})})
+
+
 def image_plan(cfg: ReleaseConfig, *, model_path: str | None = None, commit: str | None = None) -> ImagePlan:
     """Check every value the Dockerfile of ``cfg`` uses and gather them.
 
@@ -246,7 +266,7 @@ def image_plan(cfg: ReleaseConfig, *, model_path: str | None = None, commit: str
         gems_requirement=_flag_gems_requirement(cfg),
         labels=image_labels(cfg, commit=commit),
         env=serve_env(cfg),
-        serve_argv=serve_command(cfg, model_path=path),
+        serve_argv=serve_command(_in_container(cfg), model_path=path),
         port=cfg.serve.engine_args.port,
         non_root=chip.non_root,
     )

@@ -137,6 +137,22 @@ def _ensure_base(client: docker.DockerClient, base: ImageReference) -> str | Non
         return redact(str(err))
 
 
+def _push_project_base(client: docker.DockerClient, base: ImageReference) -> None:
+    """Push a base flagrelease made to its registry, so the bundle's Dockerfile can be built elsewhere.
+
+    The image just pushed carries the base's layers, so this sends only the base's manifest.
+    """
+    if project_base_kind(base) is None or not base.registry:
+        return
+    try:
+        for chunk in client.api.push(base.repository, tag=base.tag or "latest", stream=True, decode=True):
+            if isinstance(chunk, dict) and chunk.get("error"):
+                log.warning("could not push the base image %s: %s", base, redact(str(chunk["error"])))
+                return
+    except APIError as err:
+        log.warning("could not push the base image %s: %s", base, redact(str(err)))
+
+
 def run_stage(ctx: ReleaseContext) -> StageResult:
     """Render the build context into ``layout.image_dir`` and the bundle, build it, push it.
 
@@ -224,6 +240,8 @@ def run_stage(ctx: ReleaseContext) -> StageResult:
         result = build_image(
             context_dir, ref=str(ref), build_args=build_args, push=push, client=client, on_line=on_line
         )
+        if result.pushed:
+            _push_project_base(client, base)
     finally:
         client.close()
     outputs.update(

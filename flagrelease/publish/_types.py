@@ -1,13 +1,18 @@
-"""Types shared by the publish module and its per-destination helpers."""
+"""Types shared by the publish orchestration and its destinations."""
 
 from __future__ import annotations
 
+import abc
+import hashlib
 import mimetypes
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DestinationResult", "PlannedFile", "content_type"]
+from flagrelease.errors import PublishError
+
+__all__ = ["Destination", "DestinationResult", "PlannedFile", "check_sha256", "content_type", "sha256_of"]
 
 _TYPES = {
     ".md": "text/markdown; charset=utf-8",
@@ -66,6 +71,10 @@ class DestinationResult:
         skipped: paths already there with the same content.
         bytes_uploaded: bytes sent.
         details: destination-specific facts (commit ids, resumed parts, digest).
+        verified: paths downloaded back from the private or staging copy and checked
+            against their sha256 before promotion.
+        promoted: whether the upload was made public (or moved to its final place).
+        warnings: what a person must still do (a visibility the API cannot change, say).
     """
 
     name: str
@@ -74,13 +83,72 @@ class DestinationResult:
     skipped: list[str] = field(default_factory=list)
     bytes_uploaded: int = 0
     details: dict[str, Any] = field(default_factory=dict)
+    verified: list[str] = field(default_factory=list)
+    promoted: bool = False
+    warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        """The outputs form: ``{url, uploaded, skipped, bytes, details}`` with counts."""
+        """The outputs form: ``{url, uploaded, skipped, bytes, details, verified, promoted, warnings}`` with counts."""
         return {
             "url": self.url,
             "uploaded": len(self.uploaded),
             "skipped": len(self.skipped),
             "bytes": self.bytes_uploaded,
             "details": dict(self.details),
+            "verified": len(self.verified),
+            "promoted": self.promoted,
+            "warnings": list(self.warnings),
         }
+
+
+def sha256_of(chunks: Iterable[bytes]) -> str:
+    """The sha256 (hex) of a stream of chunks."""
+    h = hashlib.sha256()
+    for chunk in chunks:
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def check_sha256(got: dict[str, str], files: list[PlannedFile], *, where: str) -> list[str]:
+    """Compare downloaded sha256s with the planned ones; returns the paths checked.
+
+    Raises:
+        PublishError: a file is missing or differs; nothing is promoted.
+    """
+    bad = [f.path for f in files if got.get(f.path) != f.sha256]
+    if bad:
+        raise PublishError(
+            f"{where}: {len(bad)} file(s) downloaded back do not match the manifest's sha256 "
+            f"({', '.join(bad[:5])}); nothing was made public. Publish again to re-send them"
+        )
+    return [f.path for f in files]
+
+
+class Destination(abc.ABC):
+    """One place a bundle goes, in two steps: staged privately and verified, then promoted.
+
+    :meth:`stage` uploads where nobody else sees the files (a private repo, an S3 staging
+    prefix, a hidden folder), downloads them back and checks every sha256.  Only when every
+    destination staged and verified does the orchestrator call :meth:`promote`, which makes
+    the upload public.  Both steps are idempotent, so an interrupted publish is resumed by
+    publishing again.
+    """
+
+    name: str = ""
+    url: str = ""
+
+    @abc.abstractmethod
+    def stage(self, files: list[PlannedFile]) -> DestinationResult:
+        """Upload ``files`` privately, download them back and verify them.
+
+        Raises:
+            PublishError: an upload was refused or a file does not verify.
+        """
+
+    @abc.abstractmethod
+    def promote(self, result: DestinationResult) -> None:
+        """Make what :meth:`stage` verified public; records it in ``result``.
+
+        Raises:
+            PublishError: the destination refused.
+        """

@@ -1,8 +1,9 @@
 """Make sure the release's image is in the registry: re-verify its digest, push it if needed.
 
-The image stage already pushes; publishing checks through dockerd (which holds the
-registry login) that the recorded digest resolves in the target registry, and pushes the
-local image only when it does not.
+The image stage already pushes; publishing checks through the Docker engine (which holds
+the registry login; :func:`flagrelease.services.ensure_engine`) that the recorded digest
+resolves in the target registry, and pushes the local image only when it does not.  The
+check is the staging step; there is nothing to promote.
 """
 
 from __future__ import annotations
@@ -10,10 +11,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flagrelease.errors import PublishError
-from flagrelease.publish._types import DestinationResult
+from flagrelease.errors import PublishError, ServiceError
+from flagrelease.publish._types import Destination, DestinationResult, PlannedFile
 
-__all__ = ["publish_registry", "target_reference"]
+__all__ = ["RegistryDestination", "publish_registry", "target_reference"]
 
 log = logging.getLogger("flagrelease.publish.registry")
 
@@ -62,19 +63,20 @@ def publish_registry(*, image_ref: str, digest: str | None, registry: str, dry_r
         PublishError: dockerd is unreachable, the image is neither in the registry nor
             local, or the push failed.
     """
-    import docker
-    from docker.errors import APIError, DockerException, ImageNotFound
+    from docker.errors import APIError, ImageNotFound
+
+    from flagrelease.services import ensure_engine, ensure_registry, is_loopback_registry
 
     target = target_reference(image_ref, registry)
     result = DestinationResult(name="registry", url=target, details={"expected_digest": digest})
     if dry_run:
         return result
     try:
-        client = docker.from_env(timeout=60)
-    except DockerException as err:
-        raise PublishError(
-            f"cannot reach dockerd to check {target} ({err}); start Docker (or set DOCKER_HOST) and publish again"
-        ) from err
+        client = ensure_engine(hold=True).client(timeout=600)
+        if is_loopback_registry(registry):
+            ensure_registry(registry, hold=True)
+    except ServiceError as err:
+        raise PublishError(f"cannot reach a Docker engine or registry to check {target}: {err.message}") from err
     try:
         repo, _tag = _split(target)
         if digest and _registry_digest(client, f"{repo}@{digest}") == digest:
@@ -106,3 +108,29 @@ def publish_registry(*, image_ref: str, digest: str | None, registry: str, dry_r
         raise PublishError(f"the Docker engine refused a request for {target}: {err.explanation or err}") from err
     finally:
         client.close()
+
+
+class RegistryDestination(Destination):
+    """``publish.registry``: the image by digest.
+
+    Args:
+        image_ref: the image the release built.
+        digest: the digest the image stage recorded.
+        registry: ``host[:port][/namespace]``.
+    """
+
+    name = "registry"
+
+    def __init__(self, *, image_ref: str, digest: str | None, registry: str) -> None:
+        self.image_ref, self.digest, self.registry = image_ref, digest, registry
+        self.url = target_reference(image_ref, registry)
+
+    def stage(self, files: list[PlannedFile]) -> DestinationResult:
+        """Verify the digest in the registry, pushing the local image when it is missing."""
+        result = publish_registry(image_ref=self.image_ref, digest=self.digest, registry=self.registry)
+        result.verified = [self.url] if result.details.get("digest") else []
+        return result
+
+    def promote(self, result: DestinationResult) -> None:
+        """Nothing to do: a registry has no private step."""
+        result.promoted = True

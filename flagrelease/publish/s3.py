@@ -1,358 +1,183 @@
-"""Publish to S3 (or any S3 API) with boto3: idempotent, resumable, verified.
+"""Publish to S3 (or any S3 API): staged, verified, then promoted; idempotent and resumable.
 
-- A file whose object already carries the same ``sha256`` metadata is skipped.
-- Small files go up in one ``PutObject`` with a SHA-256 checksum; files above the
-  multipart threshold go up in parts (``TransferConfig.multipart_chunksize``), each with
-  its own SHA-256 checksum.
-- An interrupted multipart upload resumes: the upload id is kept in a small state file,
-  the parts already stored are listed and checked against the local data (size and MD5
-  ETag), and only the missing or different parts are sent.
-- After each upload the object is checked: size, sha256 metadata, the MD5-based ETag
-  (when the bucket does not use SSE-KMS) and the SHA-256 checksum when the service
-  returns one.
+A release goes up in two steps (:class:`S3Destination`):
+
+1. **Stage**: every file whose final object differs is uploaded below a staging prefix
+   (``.flagrelease-staging/<prefix>/``, outside the final prefix), then downloaded back
+   and checked against the manifest's sha256.  Nothing under the final prefix changes.
+2. **Promote**: each staged object is copied server-side to the final prefix (the card
+   and the manifest last), checked, and removed from staging; the release pointer
+   (:data:`RELEASE_POINTER`: bundle name, manifest sha256, file count) is written last.
+
+An interrupted or unverified publish therefore leaves the final prefix as it was (or, if
+interrupted while promoting, without a new card, manifest or pointer); publishing again
+completes it.  How each object goes up (resumable multipart uploads, checksums) is in
+:mod:`flagrelease.publish._s3_upload`; :func:`publish_s3` uploads straight to a prefix.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import logging
-import math
-from collections.abc import Callable, Mapping
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from flagrelease._atomic import atomic_write_json
 from flagrelease.config import S3Target
 from flagrelease.errors import PublishError
-from flagrelease.publish._types import DestinationResult, PlannedFile, content_type
+from flagrelease.publish._s3_upload import (
+    PartProgress,
+    _client,
+    _head,
+    _matches,
+    _s3_errors,
+    _State,
+    _transfer,
+    _upload,
+    publish_s3,
+    s3_key,
+)
+from flagrelease.publish._types import Destination, DestinationResult, PlannedFile, check_sha256, sha256_of
 
-__all__ = ["PartProgress", "publish_s3", "s3_key"]
+__all__ = ["RELEASE_POINTER", "STAGING_ROOT", "PartProgress", "S3Destination", "publish_s3", "s3_key", "staging_target"]
 
 log = logging.getLogger("flagrelease.publish.s3")
 
-_MAX_PARTS = 10_000
-_MIN_PART = 5 * 1024 * 1024
-
-#: Called after each part is stored: (path, part number, parts in all).
-PartProgress = Callable[[str, int, int], None]
-
-
-def s3_key(target: S3Target, path: str) -> str:
-    """The object key of a bundle path below the target's prefix."""
-    return f"{target.prefix}/{path}" if target.prefix else path
+#: Objects up to this size are copied in one request (the S3 limit for CopyObject).
+_COPY_MAX_SINGLE = 5 * 1024**3
+_COPY_PART = 1024**3
+#: The top-level folder of the staging prefixes.
+STAGING_ROOT = ".flagrelease-staging"
+#: The object written last below the final prefix: which bundle is published there, complete.
+RELEASE_POINTER = "flagrelease-release.json"
 
 
-def _client(target: S3Target, credentials: Mapping[str, str]) -> Any:
-    import boto3
-    from botocore.config import Config
-
-    return boto3.client(
-        "s3",
-        endpoint_url=target.endpoint_url,
-        region_name=target.region,
-        config=Config(retries={"max_attempts": 5, "mode": "standard"}),
-        **dict(credentials),
-    )
+def staging_target(target: S3Target) -> S3Target:
+    """Where ``target``'s uploads are staged: ``.flagrelease-staging/<prefix>`` (``_root`` for the bucket root)."""
+    return target.model_copy(update={"prefix": f"{STAGING_ROOT}/{target.prefix or '_root'}"})
 
 
-def _b64(digest: bytes) -> str:
-    return base64.b64encode(digest).decode("ascii")
-
-
-def _head(client: Any, bucket: str, key: str) -> dict[str, Any] | None:
-    from botocore.exceptions import ClientError
-
+def _copy(client: Any, bucket: str, src: str, dst: str, *, size: int, threshold: int, part_size: int) -> None:
+    """Server-side copy ``src`` to ``dst`` keeping metadata and content type (in parts above ``threshold``)."""
+    source = {"Bucket": bucket, "Key": src}
+    if size <= threshold:
+        client.copy_object(Bucket=bucket, Key=dst, CopySource=source, MetadataDirective="COPY")
+        return
+    head = client.head_object(Bucket=bucket, Key=src)
+    upload_id = client.create_multipart_upload(
+        Bucket=bucket,
+        Key=dst,
+        ContentType=head.get("ContentType", "application/octet-stream"),
+        Metadata=head["Metadata"],
+    )["UploadId"]
     try:
-        head: dict[str, Any] = client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
-        return head
-    except ClientError as err:
-        if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-            return None
+        parts = []
+        for number, start in enumerate(range(0, size, part_size), 1):
+            end = min(start + part_size, size) - 1
+            resp = client.upload_part_copy(
+                Bucket=bucket,
+                Key=dst,
+                CopySource=source,
+                CopySourceRange=f"bytes={start}-{end}",
+                PartNumber=number,
+                UploadId=upload_id,
+            )
+            parts.append({"PartNumber": number, "ETag": resp["CopyPartResult"]["ETag"]})
+        client.complete_multipart_upload(Bucket=bucket, Key=dst, UploadId=upload_id, MultipartUpload={"Parts": parts})
+    except BaseException:
+        client.abort_multipart_upload(Bucket=bucket, Key=dst, UploadId=upload_id)
         raise
 
 
-def _part_size(size: int, chunk: int) -> int:
-    return max(chunk, _MIN_PART, math.ceil(size / _MAX_PARTS))
-
-
-def _read_part(path: Path, number: int, part_size: int) -> bytes:
-    with open(path, "rb") as fh:
-        fh.seek((number - 1) * part_size)
-        return fh.read(part_size)
-
-
-class _State:
-    """Multipart upload ids kept between runs, so an interrupted upload resumes."""
-
-    def __init__(self, path: Path | None) -> None:
-        self.path = path
-        self.data: dict[str, dict[str, Any]] = {}
-        if path is not None and path.is_file():
-            try:
-                loaded = json.loads(path.read_text(encoding="utf-8"))
-                self.data = loaded if isinstance(loaded, dict) else {}
-            except (OSError, ValueError):
-                self.data = {}
-
-    def get(self, key: str) -> dict[str, Any] | None:
-        return self.data.get(key)
-
-    def put(self, key: str, value: dict[str, Any] | None) -> None:
-        if value is None:
-            self.data.pop(key, None)
-        else:
-            self.data[key] = value
-        if self.path is not None:
-            atomic_write_json(self.path, self.data)
-
-
-def _verify(client: Any, bucket: str, key: str, f: PlannedFile, *, etag: str, checksums: set[str]) -> None:
-    head = _head(client, bucket, key)
-    problems = []
-    if head is None:
-        problems.append("the object is not there after the upload")
-    else:
-        if int(head.get("ContentLength", -1)) != f.size:
-            problems.append(f"size {head.get('ContentLength')} != {f.size}")
-        if (head.get("Metadata") or {}).get("sha256") != f.sha256:
-            problems.append("sha256 metadata differs")
-        if head.get("ServerSideEncryption") != "aws:kms" and head.get("ETag", "").strip('"') != etag:
-            problems.append(f"ETag {head.get('ETag')} != {etag}")
-        remote = head.get("ChecksumSHA256")
-        if remote and remote not in checksums:
-            problems.append(f"SHA-256 checksum {remote} differs")
-    if problems:
-        raise PublishError(
-            f"s3://{bucket}/{key}: the stored object does not match {f.local} ({'; '.join(problems)}); "
-            "publish again to re-upload it"
-        )
-
-
-def _put(client: Any, bucket: str, key: str, f: PlannedFile) -> None:
-    data = f.local.read_bytes()
-    if hashlib.sha256(data).hexdigest() != f.sha256:
-        raise PublishError(f"{f.local} changed while publishing; re-run the card stage, then publish again")
-    client.put_object(
-        Bucket=bucket,
-        Key=key,
-        Body=data,
-        ContentType=content_type(f.path),
-        Metadata={"sha256": f.sha256},
-        ChecksumSHA256=_b64(bytes.fromhex(f.sha256)),
-    )
-    _verify(
-        client,
-        bucket,
-        key,
-        f,
-        etag=hashlib.md5(data, usedforsecurity=False).hexdigest(),
-        checksums={_b64(bytes.fromhex(f.sha256))},
-    )
-
-
-def _existing_parts(client: Any, bucket: str, key: str, upload_id: str) -> dict[int, dict[str, Any]]:
-    parts: dict[int, dict[str, Any]] = {}
-    marker = 0
-    while True:
-        resp = client.list_parts(Bucket=bucket, Key=key, UploadId=upload_id, PartNumberMarker=marker)
-        for p in resp.get("Parts", []):
-            parts[int(p["PartNumber"])] = p
-        if not resp.get("IsTruncated"):
-            return parts
-        marker = int(resp["NextPartNumberMarker"])
-
-
-def _open_uploads(client: Any, bucket: str, key: str) -> list[str]:
-    resp = client.list_multipart_uploads(Bucket=bucket, Prefix=key)
-    return [u["UploadId"] for u in resp.get("Uploads", []) if u["Key"] == key]
-
-
-def _multipart(
-    client: Any,
-    bucket: str,
-    key: str,
-    f: PlannedFile,
-    *,
-    chunk: int,
-    concurrency: int,
-    state: _State,
-    on_part: PartProgress | None,
-) -> dict[str, int]:
-    """Upload ``f`` in parts, resuming a recorded upload; return counts of sent and reused parts."""
-    part_size = _part_size(f.size, chunk)
-    n_parts = max(1, math.ceil(f.size / part_size))
-    state_key = f"{bucket}/{key}"
-    record = state.get(state_key)
-    open_ids = _open_uploads(client, bucket, key)
-    upload_id: str | None = None
-    if (
-        record
-        and record.get("sha256") == f.sha256
-        and record.get("part_size") == part_size
-        and record.get("upload_id") in open_ids
-    ):
-        upload_id = str(record["upload_id"])
-    for stale in open_ids:
-        if stale != upload_id:
-            log.info("s3://%s/%s: aborting an unfinished upload of other content", bucket, key)
-            client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=stale)
-    if upload_id is None:
-        upload_id = client.create_multipart_upload(
-            Bucket=bucket,
-            Key=key,
-            ContentType=content_type(f.path),
-            Metadata={"sha256": f.sha256},
-            ChecksumAlgorithm="SHA256",
-        )["UploadId"]
-        state.put(state_key, {"upload_id": upload_id, "sha256": f.sha256, "part_size": part_size})
-        existing: dict[int, dict[str, Any]] = {}
-    else:
-        existing = _existing_parts(client, bucket, key, upload_id)
-
-    md5s: dict[int, bytes] = {}
-    shas: dict[int, bytes] = {}
-    done: dict[int, dict[str, Any]] = {}
-    reused = 0
-    todo: list[int] = []
-    whole = hashlib.sha256()
-    # One pass over the file: hashes for the final checks, and which stored parts still match.
-    for number in range(1, n_parts + 1):
-        data = _read_part(f.local, number, part_size)
-        whole.update(data)
-        md5s[number] = hashlib.md5(data, usedforsecurity=False).digest()
-        shas[number] = hashlib.sha256(data).digest()
-        stored = existing.get(number)
-        if stored and int(stored["Size"]) == len(data) and stored["ETag"].strip('"') == md5s[number].hex():
-            done[number] = {"PartNumber": number, "ETag": stored["ETag"], "ChecksumSHA256": _b64(shas[number])}
-            reused += 1
-        else:
-            todo.append(number)
-    if whole.hexdigest() != f.sha256:
-        raise PublishError(f"{f.local} changed while publishing; re-run the card stage, then publish again")
-    if reused:
-        log.info("s3://%s/%s: resuming, %d of %d part(s) already stored", bucket, key, reused, n_parts)
-
-    def send(number: int) -> dict[str, Any]:
-        data = _read_part(f.local, number, part_size)
-        resp = client.upload_part(
-            Bucket=bucket,
-            Key=key,
-            UploadId=upload_id,
-            PartNumber=number,
-            Body=data,
-            ChecksumAlgorithm="SHA256",
-            ChecksumSHA256=_b64(shas[number]),
-        )
-        if resp["ETag"].strip('"') != md5s[number].hex():
-            raise PublishError(f"s3://{bucket}/{key}: part {number} was stored with a different ETag; publish again")
-        return {"PartNumber": number, "ETag": resp["ETag"], "ChecksumSHA256": _b64(shas[number])}
-
-    with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="s3-part") as pool:
-        pending: dict[Future[dict[str, Any]], int] = {}
-        queue = list(todo)
-        try:
-            while queue or pending:
-                while queue and len(pending) < max(1, concurrency):
-                    number = queue.pop(0)
-                    pending[pool.submit(send, number)] = number
-                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    number = pending.pop(fut)
-                    done[number] = fut.result()
-                    if on_part is not None:
-                        on_part(f.path, number, n_parts)
-        except BaseException:
-            for fut in pending:
-                fut.cancel()
-            raise
-
-    parts = [done[n] for n in sorted(done)]
-    client.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts})
-    state.put(state_key, None)
-    composite = _b64(hashlib.sha256(b"".join(shas[n] for n in sorted(shas))).digest())
-    etag = hashlib.md5(b"".join(md5s[n] for n in sorted(md5s)), usedforsecurity=False).hexdigest() + f"-{n_parts}"
-    _verify(client, bucket, key, f, etag=etag, checksums={composite, f"{composite}-{n_parts}"})
-    return {"parts_sent": len(todo), "parts_reused": reused, "parts": n_parts}
-
-
-def publish_s3(
-    files: list[PlannedFile],
-    *,
-    target: S3Target,
-    credentials: Mapping[str, str],
-    transfer: Any | None = None,
-    state_path: Path | None = None,
-    on_part: PartProgress | None = None,
-) -> DestinationResult:
-    """Upload ``files`` below ``s3://bucket/prefix``, skipping those already there.
+class S3Destination(Destination):
+    """A bucket and prefix, staged below :data:`STAGING_ROOT` and promoted by server-side copies.
 
     Args:
-        files: what to publish.
         target: bucket, prefix, endpoint and region.
         credentials: boto3 client keyword arguments (empty: boto3's own chain).
-        transfer: a ``boto3.s3.transfer.TransferConfig`` (threshold, part size, concurrency).
-        state_path: where to keep multipart upload ids so that an interrupted upload resumes.
+        pointer: the release pointer's content (bundle name, manifest sha256, ...).
+        transfer: a ``boto3.s3.transfer.TransferConfig``.
+        state_path: where multipart upload ids are kept, so an interrupted upload resumes.
         on_part: called after each part of a multipart upload is stored.
-
-    Returns:
-        What was uploaded and skipped; ``details`` counts parts sent and reused.
-
-    Raises:
-        PublishError: the bucket is unreachable or an object does not verify.
+        copy_threshold: objects above this many bytes are copied in parts of ``copy_part_size``.
     """
-    from boto3.s3.transfer import TransferConfig
-    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
-    config = transfer or TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20, max_concurrency=4)
-    client = _client(target, credentials)
-    state = _State(state_path)
-    url = f"s3://{target.bucket}/{target.prefix}".rstrip("/")
-    result = DestinationResult(name="s3", url=url, details={"parts_sent": 0, "parts_reused": 0})
-    try:
-        for f in files:
-            key = s3_key(target, f.path)
-            head = _head(client, target.bucket, key)
-            if (
-                head is not None
-                and (head.get("Metadata") or {}).get("sha256") == f.sha256
-                and int(head.get("ContentLength", -1)) == f.size
-            ):
-                result.skipped.append(f.path)
-                continue
-            if f.size >= config.multipart_threshold:
-                counts = _multipart(
-                    client,
-                    target.bucket,
-                    key,
-                    f,
-                    chunk=int(config.multipart_chunksize),
-                    concurrency=int(config.max_concurrency),
-                    state=state,
-                    on_part=on_part,
+    name = "s3"
+
+    def __init__(
+        self,
+        *,
+        target: S3Target,
+        credentials: Mapping[str, str],
+        pointer: Mapping[str, Any],
+        transfer: Any | None = None,
+        state_path: Path | None = None,
+        on_part: PartProgress | None = None,
+        copy_threshold: int = _COPY_MAX_SINGLE,
+        copy_part_size: int = _COPY_PART,
+    ) -> None:
+        self.target, self.staging = target, staging_target(target)
+        self.credentials, self.pointer = dict(credentials), dict(pointer)
+        self.config, self.state = _transfer(transfer), _State(state_path)
+        self.on_part = on_part
+        self.copy_threshold, self.copy_part_size = copy_threshold, copy_part_size
+        self.url = f"s3://{target.bucket}/{target.prefix}".rstrip("/")
+        self._staged: list[PlannedFile] = []
+
+    def _download_sha256(self, client: Any, key: str) -> str:
+        body = client.get_object(Bucket=self.target.bucket, Key=key)["Body"]
+        try:
+            return sha256_of(iter(lambda: body.read(8 << 20), b""))
+        finally:
+            body.close()
+
+    def stage(self, files: list[PlannedFile]) -> DestinationResult:
+        """Upload what differs from the final prefix into staging, then download it back and verify it."""
+        result = DestinationResult(name=self.name, url=self.url, details={"parts_sent": 0, "parts_reused": 0})
+        bucket = self.target.bucket
+        with _s3_errors(self.url, self.target):
+            client = _client(self.target, self.credentials)
+            todo, final = [], []
+            for f in files:
+                if _matches(_head(client, bucket, s3_key(self.target, f.path)), f):
+                    final.append(f.path)
+                else:
+                    todo.append(f)
+            _upload(
+                client, self.staging, todo, config=self.config, state=self.state, on_part=self.on_part, result=result
+            )
+            # Files already staged by an interrupted publish count as uploaded: they go public on promotion.
+            result.skipped, result.uploaded = final, [f.path for f in todo]
+            got = {f.path: self._download_sha256(client, s3_key(self.staging, f.path)) for f in todo}
+            result.verified = check_sha256(got, todo, where=f"the staging prefix s3://{bucket}/{self.staging.prefix}")
+        self._staged = todo
+        return result
+
+    def promote(self, result: DestinationResult) -> None:
+        """Copy the staged objects to the final prefix (card and manifest last), then write the pointer."""
+        from flagrelease.publish.hf import hf_batches
+
+        bucket = self.target.bucket
+        ordered = [f for batch in hf_batches(self._staged, max_bytes=1 << 62, max_files=1 << 30) for f in batch]
+        with _s3_errors(self.url, self.target):
+            client = _client(self.target, self.credentials)
+            for f in ordered:
+                src, dst = s3_key(self.staging, f.path), s3_key(self.target, f.path)
+                _copy(
+                    client, bucket, src, dst, size=f.size, threshold=self.copy_threshold, part_size=self.copy_part_size
                 )
-                result.details["parts_sent"] += counts["parts_sent"]
-                result.details["parts_reused"] += counts["parts_reused"]
-            else:
-                _put(client, target.bucket, key, f)
-            result.uploaded.append(f.path)
-            result.bytes_uploaded += f.size
-            log.info("s3: %s -> s3://%s/%s", f.path, target.bucket, key)
-    except ClientError as err:
-        code = err.response.get("Error", {}).get("Code")
-        raise PublishError(
-            f"S3 refused a request to {url} ({code}): {err}; check the bucket exists and that the "
-            "credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the Prefect Secret blocks) may write to it"
-        ) from err
-    except NoCredentialsError as err:
-        raise PublishError(
-            f"no AWS credentials to write to {url}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-            "(or pass them from Prefect Secret blocks)"
-        ) from err
-    except BotoCoreError as err:
-        raise PublishError(
-            f"cannot reach S3 at {target.endpoint_url or 'AWS'}: {err}; publish again to resume"
-        ) from err
-    return result
+                if not _matches(_head(client, bucket, dst), f):
+                    raise PublishError(
+                        f"s3://{bucket}/{dst}: the copy from staging does not match its sha256; publish again"
+                    )
+                client.delete_object(Bucket=bucket, Key=src)
+            body = (json.dumps(self.pointer, sort_keys=True, indent=2) + "\n").encode()
+            sha = hashlib.sha256(body).hexdigest()
+            key = s3_key(self.target, RELEASE_POINTER)
+            if ((_head(client, bucket, key) or {}).get("Metadata") or {}).get("sha256") != sha:
+                client.put_object(
+                    Bucket=bucket, Key=key, Body=body, ContentType="application/json", Metadata={"sha256": sha}
+                )
+        result.promoted = True
+        log.info("s3: %d object(s) promoted to %s; pointer %s written", len(ordered), self.url, RELEASE_POINTER)

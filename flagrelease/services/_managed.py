@@ -30,7 +30,7 @@ from pathlib import Path
 from flagrelease.errors import ServiceError
 from flagrelease.services._supervise import READY
 
-__all__ = ["Lease", "ServiceSpec", "acquire", "reap_stale", "short_path"]
+__all__ = ["Lease", "ServiceSpec", "acquire", "reap_stale", "running", "short_path"]
 
 log = logging.getLogger("flagrelease.services")
 
@@ -281,6 +281,18 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
+
+
+def running(spec: ServiceSpec) -> Lease | None:
+    """A lease on the service of ``spec`` if it runs under flagrelease's supervisor, else None."""
+    conn = _connect(spec.lease_socket)
+    if conn is None:
+        return None
+    lease = Lease(spec.name, conn, started=False, log_path=spec.log_path)
+    if spec.ready():
+        return lease
+    lease.close()
+    return None
 
 
 def acquire(spec: ServiceSpec) -> Lease:

@@ -2,7 +2,8 @@
 
 - :func:`ensure_engine`: ``$DOCKER_HOST`` when it is set (and only it); else the system
   engine at ``/var/run/docker.sock``; else, as root, flagrelease's own ``dockerd`` with
-  its own data root and a private socket below :func:`flagrelease.constants.services_dir`.
+  its own data root and a private socket below :func:`flagrelease.constants.services_dir`
+  (it also listens on the free system socket, so that plain ``docker`` commands reach it).
 - :func:`ensure_registry`: a registry at a loopback ``host:port``; when none answers
   there, Debian's ``docker-registry`` (installed by ``.ci/setup``) started on that
   address, storing below the services folder.  Docker treats 127.0.0.0/8 as an insecure
@@ -26,7 +27,7 @@ from typing import Any
 from flagrelease._atomic import atomic_write_text
 from flagrelease.constants import docker_host, services_dir
 from flagrelease.errors import ServiceError
-from flagrelease.services._managed import Lease, ServiceSpec, acquire, short_path
+from flagrelease.services._managed import Lease, ServiceSpec, acquire, running, short_path
 
 __all__ = [
     "DEFAULT_DOCKER_HOST",
@@ -106,17 +107,16 @@ def _engine_spec() -> tuple[ServiceSpec, str]:
     folder = services_dir() / "docker"
     sock = short_path(folder / "docker.sock")
     exec_root = short_path(folder / "run", room=len("/containerd/containerd.sock"))
-    dockerd = shutil.which("dockerd")
-    if dockerd is None:
-        raise ServiceError(
-            "no Docker engine answers and dockerd is not installed; install it (as root: bash .ci/setup, which "
-            "runs apt-get install docker.io), or point DOCKER_HOST at a running engine"
-        )
+    dockerd = shutil.which("dockerd") or "dockerd"
     url = f"unix://{sock}"
     argv = [
         dockerd,
         "--host",
         url,
+        # No engine answers on the system socket (else none would be started): listen there too, so
+        # that a plain `docker` command (the card's `docker pull`, say) reaches this engine as well.
+        "--host",
+        DEFAULT_DOCKER_HOST,
         "--data-root",
         str(folder / "data"),
         "--exec-root",
@@ -157,7 +157,11 @@ def ensure_engine(*, base_url: str | None = None, hold: bool = False) -> DockerE
             f"no Docker engine answers at {explicit} (DOCKER_HOST). Start that engine, or unset DOCKER_HOST so "
             "that flagrelease uses the system engine or, as root, starts its own dockerd"
         )
-    if engine_answers(DEFAULT_DOCKER_HOST):
+    spec, url = _engine_spec()
+    lease = running(spec)  # flagrelease's own, started by another process: hold it too
+    if lease is not None:
+        engine = DockerEngine(url, managed=True, lease=lease)
+    elif engine_answers(DEFAULT_DOCKER_HOST):
         engine = DockerEngine(DEFAULT_DOCKER_HOST)
     else:
         if os.geteuid() != 0:
@@ -166,7 +170,11 @@ def ensure_engine(*, base_url: str | None = None, hold: bool = False) -> DockerE
                 "(sudo systemctl start docker, or sudo dockerd &), run as root so that flagrelease starts its own, "
                 "or point DOCKER_HOST at a running engine"
             )
-        spec, url = _engine_spec()
+        if shutil.which("dockerd") is None:
+            raise ServiceError(
+                "no Docker engine answers and dockerd is not installed; install it (as root: bash .ci/setup, which "
+                "runs apt-get install docker.io), or point DOCKER_HOST at a running engine"
+            )
         engine = DockerEngine(url, managed=True, lease=acquire(spec))
     if hold:
         _HELD["engine"] = engine

@@ -4,6 +4,7 @@ honest operator wording; claims only where a stage result backs them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shlex
@@ -233,6 +234,8 @@ def test_unbacked_claims_are_left_out_of_a_card_without_results(tmp_path: Path) 
 
 def test_build_machine_paths_in_logs_become_placeholders(tmp_path: Path) -> None:
     ctx = build_release(tmp_path)
+    fetched = ctx.layout.converted_dir / "fetch_manifest.json"  # published with the weights
+    fetched.write_text(json.dumps({"local_path": str(tmp_path / "model"), "files": []}))
     log = ctx.layout.logs_dir / "vllm-deploy.log"
     log.write_text(
         f"=== flagrelease: {Path.home()}/.cache/flagrelease/runtimes/x/bin/python -m vllm --model "
@@ -247,6 +250,9 @@ def test_build_machine_paths_in_logs_become_placeholders(tmp_path: Path) -> None
     assert manifest["provenance"]["path_placeholders"]["<WORK_DIR>"]
     assert not _leaks(ctx.layout.manifest_path.read_text(), tmp_path)
     assert manifest["publish"]["local_dir"] == "<PUBLISHED_DIR>" and manifest["weights"]["dir"] is None
+    assert json.loads(fetched.read_text())["local_path"] == "<MODEL_SOURCE>"
+    listed = {f["path"]: f["sha256"] for f in manifest["weights"]["files"]}
+    assert listed["fetch_manifest.json"] == hashlib.sha256(fetched.read_bytes()).hexdigest()
 
 
 def test_manifest_records_provenance(tmp_path: Path) -> None:

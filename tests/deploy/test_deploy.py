@@ -8,6 +8,7 @@ check that nothing of it is left running.
 from __future__ import annotations
 
 import json
+import secrets
 import shlex
 import socket
 import subprocess
@@ -551,3 +552,37 @@ def test_a_port_leased_by_another_process_is_refused_naming_it(tiny_model: Path,
     finally:
         holder.kill()
         holder.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.docker
+def test_a_serving_container_whose_owner_was_killed_is_removed_at_the_next_start(
+    docker_engine: DockerEngine, docker_base_image: str
+) -> None:
+    from flagrelease.deploy.container import OWNER_LABEL, _owner, reap_containers
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that no longer runs
+    alive = _owner()
+    names = {
+        f"flagrelease-orphan-{secrets.token_hex(3)}": f"{dead.pid}:1",
+        f"flagrelease-kept-{secrets.token_hex(3)}": alive,
+    }
+    sleeper = [docker_base_image, "python3", "-c", "import time; time.sleep(300)"]
+    for name, owner in names.items():
+        labels = ["--label", "io.flagrelease.serve=1", "--label", f"{OWNER_LABEL}={owner}"]
+        subprocess.run(
+            ["docker", "run", "--detach", "--name", name, *labels, *sleeper],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+    try:
+        orphan, kept = names
+        assert orphan in reap_containers("docker") and kept not in reap_containers("docker")
+        listed = subprocess.run(
+            ["docker", "ps", "-a", "--format", "{{.Names}}"], capture_output=True, text=True, check=True
+        ).stdout.split()
+        assert orphan not in listed and kept in listed
+    finally:
+        subprocess.run(["docker", "rm", "--force", *names], capture_output=True, timeout=120, check=False)

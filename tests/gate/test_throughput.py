@@ -252,3 +252,31 @@ def test_the_card_shows_the_interval_and_every_trial(tmp_path: Path) -> None:
     assert "| Round |" in text
     for r, (x, y) in enumerate(zip(on, off, strict=True)):
         assert f"| {r + 1} | {x:.1f} | {y:.1f} | {x / y:.2f} |" in text
+
+
+def test_on_the_shared_cpu_the_ratio_is_of_the_servers_own_cpu_time() -> None:
+    """Wall-clock rates swing with the other tenants; tokens per CPU-second of the server do not."""
+    from flagrelease.gate._throughput import pick_metric
+
+    wall_on, wall_off = [300.0, 90.0, 250.0, 120.0, 280.0, 100.0], [110.0, 310.0, 95.0, 260.0, 105.0, 290.0]
+    trials = _trials(wall_on, wall_off)
+    with_cpu = ThroughputOutputs.model_validate(
+        {
+            **trials.model_dump(mode="json"),
+            "trials": [
+                # 256 tokens each: FlagGems on costs 2.0 CPU-seconds, off 1.6 (a true ratio of 0.8)
+                {**t.model_dump(mode="json"), "cpu_s": 2.0 if t.arm == "target" else 1.6}
+                for t in trials.trials
+            ],
+        }
+    )
+    assert pick_metric(with_cpu, setting="auto", chip="cpu") == "cpu"
+    assert pick_metric(with_cpu, setting="auto", chip="nvidia-h100") == "wall"
+    assert pick_metric(trials, setting="cpu", chip="cpu") == "wall"  # no CPU times: the wall clock
+    wall = throughput_verdict(with_cpu, min_ratio=0.7, alpha=0.05, resamples=1000, metric="wall")
+    cpu = throughput_verdict(with_cpu, min_ratio=0.7, alpha=0.05, resamples=1000, metric="cpu")
+    assert wall is not None and cpu is not None
+    assert wall["verdict"] == "inconclusive" and wall["ratio_ci"][1] - wall["ratio_ci"][0] > 1
+    assert (cpu["metric"], cpu["verdict"], cpu["ratio"]) == ("cpu", "pass", 0.8)
+    assert cpu["gems_on_rate"] == 128.0 and cpu["gems_off_rate"] == 160.0
+    assert cpu["gems_on_tok_s"] == round(sum(wall_on) / 6, 2)  # the wall-clock means are still reported

@@ -27,3 +27,43 @@ def test_the_harness_sees_an_executed_payload(harness: Harness, tmp_path) -> Non
     """The canary check can fail: an unquoted payload run the same way leaves its file."""
     assert harness.shell(f"echo $(>{CANARY})", tmp_path) == 0
     assert (tmp_path / CANARY).exists()
+
+
+def test_the_checks_fail_on_a_broken_rendering(harness: Harness, tmp_path) -> None:
+    """Each check reports what an unquoted value would do: the suite can fail."""
+    import copy
+
+    import yaml
+
+    from flagrelease.config import load_release
+    from tests.hostile._harness import BASE
+
+    config = tmp_path / "hostile.yaml"
+    config.write_text(yaml.safe_dump(copy.deepcopy(BASE)), encoding="utf-8")
+    cfg = load_release(config)
+    work = tmp_path / "work"
+    work.mkdir()
+    files = harness._render(cfg, config, work)
+    # A value written raw into the serve script runs.
+    raw_script = dict(files)
+    raw_script["conf/vllm_serve.sh"] = files["conf/vllm_serve.sh"].replace(
+        "export EXTRA=value", f"export EXTRA=$(>{CANARY})"
+    )
+    counted = harness.tally.copy()
+    assert any("canary" in p for p in harness._run_shells(cfg, raw_script, work, contract=False))
+    harness.tally = counted  # a control, not a case of the suite
+    # A newline written raw into the experiment config adds a key FlagScale reads.
+    raw_yaml = dict(files)
+    name = next(r for r in files if r.startswith("conf/config_"))
+    raw_yaml[name] = files[name] + "flagscale_extra_key: injected\n"
+    assert any("top-level keys" in p for p in harness._check_yaml(cfg, raw_yaml))
+    # An unescaped OmegaConf interpolation is read as one.
+    raw_oc = dict(files)
+    raw_oc[name] = files[name].replace("EXTRA: value", "EXTRA: ${oc.env:HOME}")
+    assert any("FlagScale reads envs" in p for p in harness._check_yaml(cfg, raw_oc))
+    # A table cell with a raw '|' or a line starting with '#' changes the card's shape.
+    from tests.hostile._harness import _card_shape
+
+    card = files["README.md"]
+    assert _card_shape(card.replace("| Metrics", "| Met | rics", 1)) != _card_shape(card)
+    assert _card_shape(card.replace("\n\n", "\n\n# injected\n\n", 1)) != _card_shape(card)

@@ -133,7 +133,14 @@ def test_stage_without_engine_fails_when_asked(monkeypatch: pytest.MonkeyPatch, 
     assert (ctx.layout.image_dir / "Dockerfile").is_file(), "the context is rendered before the engine is needed"
 
 
-def test_stage_without_engine_keeps_the_context(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_stage_without_engine_keeps_the_context(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="flagrelease.image")
     monkeypatch.setenv("DOCKER_HOST", MISSING_SOCKET)
     ctx = ReleaseContext.create(_demo(tmp_path))  # the demo config says keep-context
     result = run_stage(ctx)
@@ -145,6 +152,16 @@ def test_stage_without_engine_keeps_the_context(monkeypatch: pytest.MonkeyPatch,
     assert Path(out["dockerfile"]).read_text().startswith("# Rendered by flagrelease")
     context = Path(out["context_dir"])
     assert (context / "config_tiny_qwen2.yaml").is_file() and (context / "build" / "install.py").is_file()
+    # Loud: the outputs carry the reason for the card's banner, and the log says it in capitals.
+    assert out["warning"].startswith("The image 127.0.0.1:5000/flagrelease:tiny-qwen2-flagos-cpu was not built")
+    assert MISSING_SOCKET in out["warning"] and "docker build -t" in out["warning"]
+    assert "IMAGE NOT BUILT" in caplog.text
+    # The bundle carries the whole build context: the Dockerfile and every file it copies.
+    assert out["bundle_context"] == "image"
+    bundle = ctx.layout.bundle_dir / "image"
+    assert _tree(bundle) == _tree(context)
+    assert {"Dockerfile", "build/install.py", "build/wheels/README.txt", "vllm_serve.sh"} <= set(_tree(bundle))
+    assert any(p.startswith("build/dist/flagrelease-") for p in _tree(bundle))
     json.dumps(result.to_json())
 
 
@@ -226,7 +243,30 @@ def test_stage_builds_and_pushes(
     assert out["image_ref"] == f"{docker_registry.host}/flagrelease:tiny-qwen2-flagos-cpu"
     assert out["digest"].startswith("sha256:") and len(out["digest"]) == 71
     assert out["digest"] in result.summary
+    assert out["pushed_ref"] == f"{docker_registry.host}/flagrelease@{out['digest']}" and out["warning"] is None
     json.dumps(result.to_json())
+
+
+@pytest.mark.slow
+@pytest.mark.docker
+def test_the_bundles_copy_of_the_context_builds(
+    built: tuple[ReleaseContext, StageResult, list[str]], tmp_path: Path, docker_engine: DockerEngine
+) -> None:
+    """``docker build`` of the bundle's image/ folder, copied elsewhere as a download would be, works."""
+    import shutil
+
+    ctx, result, _ = built
+    copy = tmp_path / "downloaded" / "image"
+    shutil.copytree(ctx.layout.bundle_dir / "image", copy)
+    client = docker_engine.client()
+    try:
+        again = build_image(
+            copy, ref="flagrelease-test/from-bundle:1", build_args={"FLAGRELEASE_DEPS": "skip"}, client=client
+        )
+        assert client.images.get(again.ref).labels == result.outputs["labels"]
+    finally:
+        client.images.remove("flagrelease-test/from-bundle:1", force=True)
+        client.close()
 
 
 @pytest.mark.slow

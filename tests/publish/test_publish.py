@@ -9,10 +9,8 @@ compared with the manifest's checksums.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,6 @@ from boto3.s3.transfer import TransferConfig
 from flagrelease.bundle import GATE_FAILED_MARKER, load_manifest
 from flagrelease.card import run_stage as card_stage
 from flagrelease.errors import PublishError
-from flagrelease.pipeline import ReleaseContext
 from flagrelease.publish import (
     SECRET_BLOCKS,
     PublishCredentials,
@@ -32,66 +29,30 @@ from flagrelease.publish import (
     publish_bundle,
 )
 from flagrelease.publish import run_stage as publish_stage
+from flagrelease.publish.s3 import RELEASE_POINTER, STAGING_ROOT
 from tests._publish_fakes import FakeHF, FakeModelScope, running
 from tests._release_builder import build_release
 from tests.fixtures_s3 import S3Server
-
-MIB = 1024 * 1024
-HF_REPO = "FlagRelease/Tiny-Qwen2-FlagOS-CPU-INT8"
-MS_REPO = "FlagRelease/Tiny-Qwen2-FlagOS-CPU-INT8"
-
-
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _expected(ctx: ReleaseContext) -> dict[str, str]:
-    """path -> sha256 of everything a publish must deliver: the bundle, then the converted weights."""
-    m = load_manifest(ctx.layout.manifest_path)
-    out = {f["path"]: f["sha256"] for f in m["weights"]["files"]}
-    out.update({f["path"]: f["sha256"] for f in m["files"]})
-    out["flagrelease.json"] = _sha(ctx.layout.manifest_path.read_bytes())
-    return out
-
-
-@pytest.fixture(autouse=True)
-def _aws_test_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
-    """moto accepts any credentials; boto3 only needs some."""
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-
-
-@pytest.fixture
-def fakes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[tuple[FakeHF, FakeModelScope]]:
-    """The two hub fakes, each demanding its token, with the clients pointed at them."""
-    import huggingface_hub.constants
-
-    # Xet storage cannot be faked here; the Hub also takes uploads through its LFS batch API.
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
-    with (
-        running(FakeHF(token="hf_test_token_for_the_fake_hub")) as hf,
-        running(FakeModelScope(token="ms-test-token-for-the-fake")) as ms,
-    ):
-        monkeypatch.setenv("HF_ENDPOINT", hf.url)
-        monkeypatch.setenv("MODELSCOPE_ENDPOINT", ms.url)
-        monkeypatch.setenv("HF_TOKEN", "hf_test_token_for_the_fake_hub")
-        monkeypatch.setenv("MODELSCOPE_API_TOKEN", "ms-test-token-for-the-fake")
-        monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path / "modelscope-cache"))
-        yield hf, ms  # type: ignore[misc]
-
-
-def _s3(s3_server: S3Server, bucket: str, prefix: str = "releases/tiny") -> dict[str, Any]:
-    s3_server.create_bucket(bucket)
-    return {"bucket": bucket, "prefix": prefix, "endpoint_url": s3_server.endpoint_url}
-
-
-def _objects(s3_server: S3Server, bucket: str, prefix: str) -> dict[str, bytes]:
-    client = s3_server.client()
-    out = {}
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
-        for obj in page.get("Contents", []):
-            out[obj["Key"][len(prefix) + 1 :]] = client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
-    return out
+from tests.publish._helpers import (
+    HF_REPO,
+    MIB,
+    MS_REPO,
+)
+from tests.publish._helpers import (
+    bundle_objects as _bundle_objects,
+)
+from tests.publish._helpers import (
+    expected as _expected,
+)
+from tests.publish._helpers import (
+    objects as _objects,
+)
+from tests.publish._helpers import (
+    s3_target as _s3,
+)
+from tests.publish._helpers import (
+    sha as _sha,
+)
 
 
 # -- local folder ---------------------------------------------------------------------------------
@@ -227,10 +188,12 @@ def test_s3_multipart_upload_resumes_after_an_interruption(tmp_path: Path, s3_se
         )
     client = s3_server.client()
     key = "releases/tiny/model.safetensors"
-    uploads = client.list_multipart_uploads(Bucket="resume-bucket", Prefix=key)["Uploads"]
+    staged = f"{STAGING_ROOT}/{key}"  # uploads go to the staging prefix; nothing is public yet
+    uploads = client.list_multipart_uploads(Bucket="resume-bucket", Prefix=staged)["Uploads"]
     assert len(uploads) == 1
-    stored = client.list_parts(Bucket="resume-bucket", Key=key, UploadId=uploads[0]["UploadId"])["Parts"]
+    stored = client.list_parts(Bucket="resume-bucket", Key=staged, UploadId=uploads[0]["UploadId"])["Parts"]
     assert [p["PartNumber"] for p in stored] == [1]
+    assert _objects(s3_server, "resume-bucket", "releases/tiny") == {}
 
     result = publish_bundle(
         ctx.config, bundle_dir=ctx.layout.bundle_dir, s3_transfer=transfer, on_s3_part=lambda *a: parts.append(a)
@@ -239,11 +202,15 @@ def test_s3_multipart_upload_resumes_after_an_interruption(tmp_path: Path, s3_se
     s3 = result.destinations[0]
     assert s3.details == {"parts_sent": 2, "parts_reused": 1}
     assert parts[1:] == [("model.safetensors", 2, 3), ("model.safetensors", 3, 3)]
-    assert client.list_multipart_uploads(Bucket="resume-bucket", Prefix=key).get("Uploads", []) == []
+    assert client.list_multipart_uploads(Bucket="resume-bucket", Prefix=staged).get("Uploads", []) == []
+    assert s3.verified and sorted(s3.verified) == sorted(s3.uploaded) and s3.promoted
 
-    # Download everything back and compare with the manifest's checksums.
-    objects = _objects(s3_server, "resume-bucket", "releases/tiny")
+    # Download everything back and compare with the manifest's checksums; staging is emptied.
+    objects = _bundle_objects(s3_server, "resume-bucket", "releases/tiny")
     assert {k: _sha(v) for k, v in objects.items()} == _expected(ctx)
+    assert _objects(s3_server, "resume-bucket", STAGING_ROOT) == {}
+    pointer = json.loads(_objects(s3_server, "resume-bucket", "releases/tiny")[RELEASE_POINTER])
+    assert pointer["manifest_sha256"] == _expected(ctx)["flagrelease.json"] and pointer["files"] == len(objects)
     head = client.head_object(Bucket="resume-bucket", Key=key)
     assert head["ETag"].endswith('-3"') and head["Metadata"]["sha256"] == _expected(ctx)["model.safetensors"]
     assert head["ContentType"] == "application/octet-stream"
@@ -389,6 +356,7 @@ def test_tokens_never_appear_in_outputs_logs_or_artifacts(
                 "hf_repo": HF_REPO,
                 "modelscope_repo": MS_REPO,
                 "s3": _s3(s3_server, f"secrets-{source}"),
+                "private": True,  # ModelScope cannot be made public by API: that would be a warning
             },
         )
         ctx.options["publish_credentials"] = credentials

@@ -54,4 +54,4 @@ WORKDIR /home/flagrelease
 EXPOSE 9010
 HEALTHCHECK --interval=30s --timeout=10s --start-period=300s --retries=3 \
     CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9010/health', timeout=8)"]
-CMD ["python3", "-m", "vllm.entrypoints.openai.api_server", "--model", "/models/tiny-qwen2", "--served-model-name", "tiny-qwen2-flagos", "--tensor-parallel-size", "1", "--pipeline-parallel-size", "1", "--max-model-len", "512", "--max-num-seqs", "16", "--gpu-memory-utilization", "0.9", "--port", "9010", "--host", "127.0.0.1", "--trust-remote-code", "--enforce-eager", "--dtype", "bfloat16"]
+CMD ["python3", "-m", "vllm.entrypoints.openai.api_server", "--model", "/models/tiny-qwen2", "--served-model-name", "tiny-qwen2-flagos", "--tensor-parallel-size", "1", "--pipeline-parallel-size", "1", "--max-model-len", "512", "--max-num-seqs", "16", "--gpu-memory-utilization", "0.9", "--port", "9010", "--host", "0.0.0.0", "--trust-remote-code", "--enforce-eager", "--dtype", "bfloat16"]
