@@ -149,6 +149,12 @@ class ThroughputGate(_Strict):
     concurrency: int | None = Field(default=None, ge=1, description="Requests in flight (default eval.concurrency).")
     max_tokens: int = Field(default=32, ge=1, description="Output tokens of every request (ignore_eos).")
     warmup_requests: int = Field(default=8, ge=0, description="Requests sent to each arm after it is served.")
+    settle_s: float = Field(
+        default=1.5,
+        ge=0,
+        description="Idle seconds before each trial: vLLM's workers keep polling for a second after their last "
+        "request, which would slow the other arm's server.",
+    )
     servers: Literal["auto", "both", "alternate"] = Field(
         default="auto",
         description="both: both arms served at once; alternate: one at a time, in four servings (A B B A); "

@@ -9,7 +9,9 @@ benchmark, off and off) the way a noisy machine needs:
 * rounds of one trial per arm, the order alternating (A B, B A, A B, ...), so that a
   slow drift of the machine's load falls on both arms alike;
 * every trial the same: ``requests`` streamed completions at a fixed ``concurrency``, the
-  same prompt, exactly ``max_tokens`` output tokens each (``ignore_eos``).
+  same prompt, exactly ``max_tokens`` output tokens each (``ignore_eos``), after
+  ``settle_s`` idle seconds: a vLLM worker keeps polling its queue for a second after its
+  last request, and with both servers up that would slow whichever arm runs next.
 
 Each trial records output tokens per second of wall time, and, when the server is a
 process tree on this machine (the local runtime), the CPU seconds that tree spent on it:
@@ -190,6 +192,7 @@ def measure_interleaved(
     total = settings.trials * 2
 
     def trial(endpoint: Endpoint, arm: Arm, rnd: int, position: int) -> None:
+        time.sleep(settings.settle_s)
         at = time.monotonic() - started
         cpu_before = _cpu_seconds(endpoint)
         row = _level(endpoint, requests=settings.requests, **level)

@@ -72,6 +72,8 @@ def _hub_errors(repo_id: str, endpoint: str) -> Iterator[None]:
 
     try:
         yield
+    except PublishError:
+        raise  # ours already says what to do (it is an OSError too)
     except HfHubHTTPError as err:
         status = err.response.status_code if err.response is not None else None
         hint = (

@@ -73,6 +73,8 @@ def _hub_errors(repo_id: str, endpoint: str) -> Iterator[None]:
 
     try:
         yield
+    except PublishError:
+        raise  # ours already says what to do (it is an OSError too)
     except HubError as err:
         first = str(err).splitlines()[0] if str(err) else ""
         raise PublishError(

@@ -63,7 +63,13 @@ def test_stage_probes_evaluates_and_runs_the_throughput_trials(
     handler.mode = "fine"
     served: list[dict[str, Any]] = []
     loads: list[str] = []
-    ctx = _ctx(tmp_path, url, served, loads, gates__throughput={"trials": 4, "requests": 3, "warmup_requests": 2})
+    ctx = _ctx(
+        tmp_path,
+        url,
+        served,
+        loads,
+        gates__throughput={"trials": 4, "requests": 3, "warmup_requests": 2, "settle_s": 0},
+    )
     result = ev.run_stage(ctx)
     out = EvalOutputs.model_validate(result.outputs)
     assert list(out.variants) == ["target", "reference", "target_gems_off"]

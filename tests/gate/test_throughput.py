@@ -216,7 +216,7 @@ def test_interleaved_schedule_alternates_and_warms_up() -> None:
 
         return Arm(name, serve)
 
-    settings = ThroughputGate(trials=5, requests=4, max_tokens=16, warmup_requests=2)
+    settings = ThroughputGate(trials=5, requests=4, max_tokens=16, warmup_requests=2, settle_s=0)
     out = measure_interleaved([arm("a"), arm("b")], settings=settings, concurrency=3, prompt="p", load_test=load)
     assert served == ["a", "b"]  # both served once, side by side
     assert calls[:2] == [("http://127.0.0.1:1/a", 2), ("http://127.0.0.1:1/b", 2)]  # warm-ups
