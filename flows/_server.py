@@ -39,7 +39,7 @@ def _drain_prefect_clients() -> None:
 
     for worker in (APILogWorker, EventsWorker):
         with contextlib.suppress(Exception):  # best effort: the run's outcome is already decided
-            worker.drain_all(timeout=5)
+            worker.drain_all(timeout=2)
 
 
 @contextlib.contextmanager

@@ -114,7 +114,11 @@ def test_the_published_card_runs_as_written(
             timeout=REPLAY_TIMEOUT_S,
             check=False,
         )
-        logs = _docker(env, "logs", "--tail", "60", name).stdout if name and proc.returncode else ""
+        logs = ""
+        if name and proc.returncode:
+            state = _docker(env, "inspect", "--format", "{{.State.Status}} exit={{.State.ExitCode}}", name)
+            tail = _docker(env, "logs", "--tail", "60", name)
+            logs = f"container {name}: {state.stdout.strip()}\n{tail.stdout[-3000:]}{tail.stderr[-5000:]}"
     finally:
         if name:
             _docker(env, "rm", "--force", name)

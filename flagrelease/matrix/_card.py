@@ -24,6 +24,7 @@ __all__ = ["CARD_TEMPLATE", "benchmark_table", "render_collection_card", "suppor
 #: The collection card's template, below templates/.
 CARD_TEMPLATE = "matrix/README.md.j2"
 TBD = "TBD"
+NOT_EVALUATED = "n/a"
 _STATUS = {
     "released": "released",
     "gate-failed": "failed its gate",
@@ -52,7 +53,8 @@ def benchmark_table(table: Mapping[str, Any]) -> tuple[str, list[str]]:
     """The benchmark table (Markdown) and its notes.
 
     Rows are benchmarks; columns the reference(s) and then each chip.  A chip's score is
-    followed by its verdict when that is not ``consistent``; a missing score is ``TBD``.
+    followed by its verdict when that is not ``consistent``; a missing score is ``TBD``,
+    and a benchmark the chip's release does not run is ``n/a``.
     """
     refs = table["references"]
     headers = ["Metrics", *(r["label"] for r in refs), *(str(r["label"]) for r in table["rows"])]
@@ -61,6 +63,9 @@ def benchmark_table(table: Mapping[str, Any]) -> tuple[str, list[str]]:
     for bench in table["benchmarks"]:
         cells = [bench["label"], *(_num(r["scores"].get(bench["task"])) for r in refs)]
         for row in table["rows"]:
+            if bench["task"] not in row["scores"] and row["status"] in ("released", "gate-failed"):
+                cells.append(NOT_EVALUATED)  # that chip's release does not run this benchmark
+                continue
             s = row["scores"].get(bench["task"]) or {}
             cell = _num(s.get("score"))
             verdict = s.get("verdict")
@@ -76,6 +81,8 @@ def benchmark_table(table: Mapping[str, Any]) -> tuple[str, list[str]]:
         )
     if any(c == TBD for r in rows for c in r):
         notes.append("TBD: not measured yet (the chip's release did not run, or did not finish).")
+    if any(c == NOT_EVALUATED for r in rows for c in r):
+        notes.append(f"{NOT_EVALUATED}: not among the benchmarks of that chip's release.")
     return _md_table(headers, rows), notes
 
 

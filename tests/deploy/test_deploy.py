@@ -316,6 +316,12 @@ def test_run_stage_serves_load_tests_and_records_operators(
     log = ctx.layout.logs_dir / "vllm-deploy.log"
     assert str(log) in out["logs"] and "flagrelease plugin" in log.read_text()
     assert not list(ctx.layout.logs_dir.glob(".gems-*"))  # per-process records merged away
+    [ran] = out["executed"]  # what ran, as the card shows it: no path of this machine
+    assert ran["ran"] is True and ran["runtime"] == "local" and ran["node"] == "localhost"
+    assert ran["argv"][:5] == ["python", "-m", "vllm.entrypoints.openai.api_server", "--model", "weights/"]
+    assert ran["argv"][ran["argv"].index("--port") + 1] == str(cfg.serve.engine_args.port)
+    assert ran["env"]["USE_FLAGGEMS"] == "true" and "FLAGRELEASE_GEMS_RECORD" not in ran["env"]
+    assert str(tiny_model) not in json.dumps(ran) and str(tmp_path) not in json.dumps(ran)
     _no_server_left(str(tiny_model), str(cfg.serve.engine_args.port))
 
 

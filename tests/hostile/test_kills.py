@@ -76,7 +76,7 @@ def _tree(pid: int) -> list[tuple[psutil.Process, float]]:
 
 def _describe(proc: psutil.Process) -> str:
     try:
-        return f"{proc.pid} {proc.name()} {' '.join(proc.cmdline())[:120]}"
+        return f"{proc.pid} {proc.name()} {' '.join(proc.cmdline())}"
     except psutil.Error:
         return str(proc.pid)
 
