@@ -27,10 +27,9 @@ The FlagScale files of a release (:func:`render_serve_configs`)::
 
 from __future__ import annotations
 
-import json
 import re
 import shlex
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,22 @@ from flagrelease.config import ReleaseConfig, SecretRef
 from flagrelease.constants import templates_dir
 from flagrelease.errors import ConfigError
 from flagrelease.layout import BundleLayout
+from flagrelease.quoting import (
+    bad_value,
+    markdown_cell,
+    markdown_code,
+    markdown_text,
+    omegaconf_escape,
+    one_line,
+    shell_join,
+    shell_word,
+)
+from flagrelease.quoting import dockerfile_exec_form as _exec_form
+from flagrelease.quoting import dockerfile_pairs as _dq_pairs
+from flagrelease.quoting import dockerfile_word as _dq
+from flagrelease.quoting import shell_lines as _shell_lines
+from flagrelease.quoting import yaml_block as _yaml_block
+from flagrelease.quoting import yaml_inline as _yaml_inline
 
 __all__ = [
     "CONF_DIR",
@@ -87,31 +102,10 @@ _LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 #: The Ray head's port of a multi-node serve (FlagScale's default).
 RAY_PORT = 6379
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
-# Markdown's active characters: always, ``_`` at a word's edge (GFM ignores it inside a
-# word), ``&`` starting an entity and ``#`` starting the text (a heading).
-_MARKDOWN_SPECIAL = re.compile(r"([\\`*\[\]<>|~]|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])|&(?=#?[A-Za-z0-9]+;)|^#)")
 _HOST = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|[0-9A-Fa-f:.]+|\[[0-9A-Fa-f:.]+\])$")
 
 
 # -- checks --------------------------------------------------------------------------------
-def bad_value(field: str, value: object, why: str, fix: str, *, cfg: ReleaseConfig | None = None) -> ConfigError:
-    return ConfigError(
-        f"{field}: {value!r} {why}; {fix}",
-        errors=[(field, why)],
-        model=cfg.name if cfg else None,
-        chip=cfg.chip if cfg else None,
-    )
-
-
-def one_line(value: object, field: str, *, cfg: ReleaseConfig | None = None) -> str:
-    """``value`` as one line of text, or a ConfigError naming ``field``."""
-    text = str(value)
-    if _CONTROL.search(text):
-        raise bad_value(field, text, "holds a newline or control character", "give it as one plain line", cfg=cfg)
-    return text
-
-
 def _env_items(env: Mapping[str, object], where: str, *, cfg: ReleaseConfig | None = None) -> dict[str, str]:
     """The literal variables of ``env``, names and values checked; ``{secret: NAME}`` entries left out."""
     out: dict[str, str] = {}
@@ -128,87 +122,6 @@ def _env_items(env: Mapping[str, object], where: str, *, cfg: ReleaseConfig | No
             )
         out[str(key)] = one_line(value, f"{where}.{key}", cfg=cfg)
     return out
-
-
-# -- quoting for each target ---------------------------------------------------------------
-def shell_word(value: object) -> str:
-    """``value`` as one POSIX shell word (:func:`shlex.quote`), refused when it holds a control character."""
-    return shlex.quote(one_line(value, "shell value"))
-
-
-def shell_join(argv: Iterable[object]) -> str:
-    """A command line of shell words, each quoted with :func:`shell_word`."""
-    return " ".join(shell_word(a) for a in argv)
-
-
-def markdown_text(value: object) -> str:
-    """``value`` as Markdown text that renders as itself: one line, every Markdown/HTML character escaped."""
-    return _MARKDOWN_SPECIAL.sub(r"\\\1", one_line(value, "Markdown text"))
-
-
-def markdown_cell(value: object) -> str:
-    """``value`` (Markdown already) as one table cell: one line, ``|`` escaped so it cannot add a column."""
-    return re.sub(r"(?<!\\)\|", r"\\|", one_line(value, "Markdown table cell"))
-
-
-def markdown_code(value: object) -> str:
-    """``value`` as an inline code span that no backtick inside can close early."""
-    text = one_line(value, "Markdown code")
-    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
-    fence = "`" * (longest + 1)
-    pad = " " if text.startswith(("`", " ")) or text.endswith(("`", " ")) else ""
-    return f"{fence}{pad}{text}{pad}{fence}"
-
-
-def omegaconf_escape(value: Any) -> Any:
-    """Strings inside ``value`` with OmegaConf's ``${`` escaped, so Hydra (FlagScale) reads them as written."""
-    if isinstance(value, str):
-        return re.sub(r"(\\*)\$\{", lambda m: "\\" * (2 * len(m.group(1)) + 1) + "${", value)
-    if isinstance(value, dict):
-        return {k: omegaconf_escape(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [omegaconf_escape(v) for v in value]
-    return value
-
-
-# -- quoting filters -----------------------------------------------------------------------
-def _dq(value: object) -> str:
-    """A Dockerfile double-quoted word: no variable expansion, no word splitting."""
-    text = one_line(value, "Dockerfile value")
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$") + '"'
-
-
-def _dq_pairs(items: Iterable[tuple[str, object]], quote_keys: bool = False) -> list[str]:
-    """``key="value"`` words for LABEL (keys quoted too) and ENV (keys are checked names)."""
-    return [f"{_dq(k) if quote_keys else k}={_dq(v)}" for k, v in items]
-
-
-def _exec_form(argv: Iterable[object]) -> str:
-    """A Dockerfile exec-form (JSON array) command: no shell and no variable expansion."""
-    return json.dumps([one_line(a, "Dockerfile argument") for a in argv])
-
-
-def _yaml_inline(value: object) -> str:
-    text = yaml.safe_dump(value, default_flow_style=True, allow_unicode=True, width=1 << 30, sort_keys=False)
-    text = text.rstrip("\n")
-    return text[: -len("\n...")] if text.endswith("\n...") else text
-
-
-def _yaml_block(value: object, indent: int) -> str:
-    text = yaml.safe_dump(value, default_flow_style=False, allow_unicode=True, width=1 << 30, sort_keys=False)
-    pad = " " * indent
-    return "\n".join(pad + line for line in text.rstrip("\n").splitlines())
-
-
-def _shell_lines(argv: list[str]) -> str:
-    """``argv`` shell-quoted, one option (with its values) per continued line."""
-    words = [shlex.quote(one_line(a, "command argument")) for a in argv]
-    lines: list[list[str]] = [[]]
-    for raw, word in zip(argv, words, strict=True):
-        if raw.startswith("--") and lines[-1]:
-            lines.append([])
-        lines[-1].append(word)
-    return " \\\n    ".join(" ".join(line) for line in lines)
 
 
 @lru_cache(maxsize=4)

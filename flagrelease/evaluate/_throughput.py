@@ -13,10 +13,12 @@ benchmark, off and off) the way a noisy machine needs:
   ``settle_s`` idle seconds: a vLLM worker keeps polling its queue for a second after its
   last request, and with both servers up that would slow whichever arm runs next.
 
-Each trial records output tokens per second of wall time, and, when the server is a
-process tree on this machine (the local runtime), the CPU seconds that tree spent on it:
-on a shared CPU host the wall clock mostly measures the other tenants, while the
-server's own CPU time per token measures the work FlagGems changes (``gates.throughput.metric``).
+When the servers run on this machine (the local runtime), their CPU scheduling groups
+(and this process's, which sends the load) get the highest priority the OS grants for
+the measurement (Linux autogroup nice -19, restored after; skipped without the right):
+on a shared host the other tenants' bursts otherwise land on the trials, and a trial
+then measures them instead of FlagGems.  Each trial also records the CPU seconds the
+server's process tree spent on it (``gates.throughput.metric: cpu`` compares those).
 
 Both arms are served at once (``servers: both``; only one is ever under load), or one at
 a time (``alternate``, for chips where two servers do not fit): four servings in the
@@ -31,10 +33,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -49,6 +53,9 @@ log = logging.getLogger("flagrelease.evaluate")
 
 #: One load-test level: ``(root_url, *, model_name, settings) -> rows`` (the deploy stage's ``run_load_test``).
 LoadFn = Callable[..., list[dict[str, Any]]]
+
+#: The autogroup nice value of the servers (and the load's sender) while trials run.
+_TRIAL_NICE = -19
 
 
 @dataclass(frozen=True)
@@ -141,6 +148,36 @@ def _cpu_seconds(endpoint: Endpoint) -> float | None:
     return total
 
 
+@contextlib.contextmanager
+def _priority(pids: Sequence[int | None]) -> Iterator[bool]:
+    """Raise the CPU scheduling groups of ``pids`` (Linux autogroups) to nice -19; restore them after.
+
+    Yields whether any was raised (not without ``CAP_SYS_NICE``, or without autogroups).
+    """
+    saved: dict[Path, str] = {}
+    for pid in pids:
+        if not isinstance(pid, int):
+            continue
+        path = Path(f"/proc/{pid}/autogroup")
+        try:
+            old = path.read_text(encoding="ascii").split("nice")[-1].strip()
+            path.write_text(str(_TRIAL_NICE), encoding="ascii")
+        except (OSError, ValueError):
+            continue
+        saved.setdefault(path, old)
+    try:
+        yield bool(saved)
+    finally:
+        for path, old in saved.items():
+            with contextlib.suppress(OSError):
+                path.write_text(old, encoding="ascii")
+
+
+def _local(endpoint: Endpoint) -> list[int | None]:
+    pid = getattr(endpoint, "pid", None)
+    return [pid, os.getpid()] if isinstance(pid, int) else []
+
+
 def servers_mode(settings: ThroughputGate, *, chip: str) -> str:
     """``both`` or ``alternate``: what ``servers: auto`` means on ``chip``."""
     if settings.servers != "auto":
@@ -190,6 +227,7 @@ def measure_interleaved(
     }
     trials: list[dict[str, Any]] = []
     total = settings.trials * 2
+    raised: list[bool] = []
 
     def trial(endpoint: Endpoint, arm: Arm, rnd: int, position: int) -> None:
         time.sleep(settings.settle_s)
@@ -225,6 +263,8 @@ def measure_interleaved(
     if servers == "both":
         with contextlib.ExitStack() as stack:
             endpoints = {arm.name: stack.enter_context(arm.serve()) for arm in arms}
+            pids = [getattr(e, "pid", None) for e in endpoints.values()]
+            raised.append(stack.enter_context(_priority([*pids, os.getpid()] if any(pids) else [])))
             for arm in arms:
                 warm(endpoints[arm.name])
             for rnd in range(settings.trials):
@@ -235,7 +275,8 @@ def measure_interleaved(
         total = 4 * half
         for block in range(2):
             for position, arm in enumerate(order(block)):
-                with arm.serve() as endpoint:
+                with arm.serve() as endpoint, _priority(_local(endpoint)) as up:
+                    raised.append(up)
                     warm(endpoint)
                     for j in range(half):
                         trial(endpoint, arm, block * half + j, position)
@@ -251,7 +292,11 @@ def measure_interleaved(
     return {
         "arms": {"a": arms[0].name, "b": arms[1].name},
         "servers": servers,
-        "settings": {**settings.model_dump(mode="json", exclude={"servers"}), "concurrency": concurrency},
+        "settings": {
+            **settings.model_dump(mode="json", exclude={"servers"}),
+            "concurrency": concurrency,
+            "priority_raised": bool(raised) and all(raised),
+        },
         "trials": trials,
         "seconds": round(time.monotonic() - started, 2),
     }

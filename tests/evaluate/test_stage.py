@@ -161,3 +161,24 @@ def test_kernel_caches_are_cleaned_when_asked(tmp_path: Path) -> None:
     assert render.before_start(on).index("rm -rf") < render.before_start(on).index("USE_FLAGGEMS")
     off = load_release(write_demo_config(tmp_path / "off", tmp_path))
     assert "rm -rf" not in render.before_start(off)
+
+
+def test_trials_raise_the_servers_scheduling_priority_and_restore_it() -> None:
+    import os
+    import subprocess
+
+    from flagrelease.evaluate._throughput import _priority
+
+    server = subprocess.Popen(["sleep", "60"], start_new_session=True)  # a server in its own session
+    group = Path(f"/proc/{server.pid}/autogroup")
+    try:
+        before = group.read_text()
+        with _priority([server.pid, None]) as raised:
+            assert raised is (os.geteuid() == 0)
+            assert group.read_text().split()[-1] == ("-19" if raised else before.split()[-1])
+        assert group.read_text() == before
+        with _priority([]) as raised:
+            assert raised is False
+    finally:
+        server.kill()
+        server.wait()

@@ -117,7 +117,7 @@ def test_a_second_demo_refuses_at_once_naming_the_first(tmp_path: Path, prefect:
     COUNTS["second_tried"] += 1
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert f"release 'demo-tiny-cpu' (work folder {work}) is in use by pid {holder.pid}" in proc.stderr
-    assert "Traceback" not in proc.stderr and took < 15, took
+    assert "Traceback" not in proc.stderr and took < 45, took  # a CLI start, on a loaded 2-core machine
     assert not (Path(work) / "state").exists()  # it did nothing
     assert not (tmp_path / "prefect" / "prefect.db").exists()  # refused before any Prefect server started
     COUNTS["second_refused"] += 1
