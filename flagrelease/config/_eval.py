@@ -161,7 +161,7 @@ class ThroughputGate(_Strict):
         "auto: both on the cpu chip, alternate elsewhere.",
     )
     metric: Literal["auto", "wall", "cpu"] = Field(
-        default="auto",
+        default="wall",
         description="What the ratio compares: output tokens per second of wall time, or of the server's own CPU "
         "time (local servers only); auto: cpu on the cpu chip, whose cores other work shares, wall elsewhere.",
     )
