@@ -61,9 +61,3 @@ def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     for secret in constants.SECRET_ENV_VARS:
         monkeypatch.delenv(secret, raising=False)
     return home
-
-
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:  # LEAD-TEMP
-    note = Path("/tmp/LEAD_MESSAGE.txt")  # LEAD-TEMP
-    if note.is_file():  # LEAD-TEMP
-        terminalreporter.write_line(note.read_text())  # LEAD-TEMP
