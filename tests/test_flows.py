@@ -201,7 +201,8 @@ def test_rerun_with_nothing_changed_does_no_stage_work(demo_run: DemoRun, prefec
     assert "(reused)" in _latest_artifact(prefect_server, "demo-tiny-cpu-eval")
 
 
-def _latest_artifact(server: PrefectServer, key: str) -> str:
+def _artifact(server: PrefectServer, key: str) -> dict:
+    """The latest artifact of ``key``."""
     resp = httpx.post(
         f"{server.api_url}/artifacts/filter",
         json={"artifacts": {"key": {"any_": [key]}}, "sort": "CREATED_DESC", "limit": 1},
@@ -209,7 +210,11 @@ def _latest_artifact(server: PrefectServer, key: str) -> str:
     )
     resp.raise_for_status()
     (artifact,) = resp.json()
-    return str(artifact["data"])
+    return dict(artifact)
+
+
+def _latest_artifact(server: PrefectServer, key: str) -> str:
+    return str(_artifact(server, key)["data"])
 
 
 def test_failed_run_resumes_at_the_failed_stage(
@@ -550,9 +555,10 @@ def test_matrix_runs_each_pair_on_its_pool_and_publishes_the_support_table(
     body = s3.get_object(Bucket=m.bucket, Key="tiny/README.md")["Body"].read().decode()
     assert body == card
 
-    resp = httpx.post(f"{prefect_server.api_url}/artifacts/filter", json={"limit": 200}, timeout=30)
-    artifacts = {a.get("key"): a for a in resp.json()}
-    assert artifacts["matrix-tiny-support"]["type"] == "table"
+    support = _artifact(prefect_server, "matrix-tiny-support")
+    assert support["type"] == "table" and "Second x86-64 CPU" in str(support["data"])
+    summary = _latest_artifact(prefect_server, "matrix-tiny")
+    assert "| Second x86-64 CPU | tiny-cpu-b | COMPLETED | released |" in summary
     limits = httpx.post(f"{prefect_server.api_url}/v2/concurrency_limits/filter", json={}, timeout=30).json()
     host = next(lim for lim in limits if lim["name"].startswith("flagrelease-host-"))
     assert host["limit"] == 1 and host["active_slots"] == 0
