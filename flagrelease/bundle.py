@@ -92,11 +92,7 @@ def gate_failure_reasons(gate: Mapping[str, Any] | None, *, stage: StageResult |
             reasons.append("results with the operator library on are inconsistent with it off")
     elif outputs.get("verdict") == "inconsistent":
         reasons.append("accuracy is inconsistent with the reference")
-    if (
-        stage is not None
-        and outputs.get("throughput_ok") is False
-        and not any("throughput" in r for r in reasons)
-    ):
+    if stage is not None and outputs.get("throughput_ok") is False and not any("throughput" in r for r in reasons):
         reasons.append("the operator-library on/off throughput check failed")
     if stage is not None and stage.status == "failed" and not reasons:
         reasons.append(f"the gate stage failed: {stage.summary}")

@@ -14,6 +14,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.futures import PrefectFuture
+from prefect.states import State
 
 from flagrelease._lease import release_lock
 from flagrelease.config import ReleaseConfig, load_release
@@ -23,6 +24,7 @@ from flagrelease.layout import BundleLayout
 from flagrelease.pipeline import STAGES, StageResult, stage_inputs
 from flagrelease.roles import release_for_role
 from tasks import STAGE_TASKS
+from tasks._background import flush as flush_artifacts
 from tasks.reference import reference
 
 __all__ = ["flagrelease", "resolve_config", "run_demo", "run_release"]
@@ -106,9 +108,12 @@ def flagrelease(
     root = BundleLayout.for_release(cfg).root
     with contextlib.nullcontext() if dry_run else release_lock(root, release=cfg.name):
         remote = "eval" in wanted and cfg is release and release.remote_reference and not dry_run
-        results = _run_stages(
-            str(path), cfg, wanted, remote_reference=remote, dry_run=dry_run, force=force, options=options
-        )
+        try:
+            results = _run_stages(
+                str(path), cfg, wanted, remote_reference=remote, dry_run=dry_run, force=force, options=options
+            )
+        finally:
+            flush_artifacts()  # the stages' artifacts, created in the background
     create_markdown_artifact(
         _summary_markdown(cfg.name, results),
         key=f"release-{cfg.name}".replace(".", "-").replace("_", "-"),
@@ -131,20 +136,29 @@ def _run_stages(
 
     The image needs no stage (:func:`~flagrelease.pipeline.stage_inputs`), so it starts
     at once, beside the fetch and the convert, and only the card and a deploy that runs
-    the image wait for it; a live reference on another chip is started first, on its own pool, and
-    the eval waits for it.  Stages run in this thread (where their timeouts hold) unless
-    started early, in a worker thread; a stage started early is waited for by the first
-    stage that needs it, or at the end.
+    the image wait for it; a live reference on another chip is started first, on its own
+    pool, and the eval waits for it.  Stages run in this thread (where their timeouts
+    hold) unless started early, in a worker thread; a stage started early is waited for
+    by the first stage that needs it, or at the end.
+
+    A stage reads its inputs' results from their saved state, so they are not passed as
+    task parameters (Prefect walks every parameter of every task run); the inputs'
+    states are its ``wait_for``, which draws the graph in the UI.  A dry run saves
+    nothing, so there they are passed.
     """
+    states: dict[str, State[Any]] = {}
 
     def args(stage: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        for s in stage_inputs(cfg, stage):  # a stage started early is waited for when needed
-            if s in early and s not in results:
-                results[s] = early[s].result()
-        upstream = {s: results[s] for s in stage_inputs(cfg, stage) if s in results}
-        return (config, upstream), {"dry_run": dry_run, "force": force, "options": options}
+        inputs = stage_inputs(cfg, stage)
+        for s in inputs:  # a stage started early is waited for when needed; its failure raises here
+            if s in early and s not in states:
+                early[s].wait()
+                states[s] = early[s].state
+                states[s].result()
+        upstream = {s: states[s].result() for s in inputs if s in states} if dry_run else {}
+        wait = [states[s] for s in inputs if s in states]
+        return (config, upstream), {"dry_run": dry_run, "force": force, "options": options, "wait_for": wait}
 
-    results: dict[str, dict[str, Any]] = {}
     early: dict[str, PrefectFuture[dict[str, Any]]] = {}
     ref = reference.submit(config, force=force) if remote_reference else None
     for i, stage in enumerate(wanted):
@@ -152,18 +166,22 @@ def _run_stages(
             continue
         for later in wanted[i + 1 :]:
             inputs = [s for s in stage_inputs(cfg, later) if s in wanted]
-            if later not in early and all(s in results for s in inputs):
+            if later not in early and all(s in states for s in inputs):
                 a, kw = args(later)
                 early[later] = STAGE_TASKS[later].submit(*a, **kw)
         if stage == "eval" and ref is not None:
-            results["reference"] = ref.result()
+            ref.wait()
+            states["reference"] = ref.state
+            states["reference"].result()
         a, kw = args(stage)
-        results[stage] = STAGE_TASKS[stage](*a, **kw)
+        states[stage] = STAGE_TASKS[stage](*a, **kw, return_state=True)
+        states[stage].result()  # raises when the stage failed, as a plain call does
     for stage in wanted:
-        if stage not in results:
-            results[stage] = early[stage].result()
-    order = [n for s in wanted for n in (("reference", s) if s == "eval" and "reference" in results else (s,))]
-    return {s: results[s] for s in order}
+        if stage not in states:
+            early[stage].wait()
+            states[stage] = early[stage].state
+    order = [n for s in wanted for n in (("reference", s) if s == "eval" and "reference" in states else (s,))]
+    return {s: states[s].result() for s in order}
 
 
 def run_release(

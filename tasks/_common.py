@@ -42,6 +42,7 @@ from flagrelease.pipeline import (
 )
 from flagrelease.retry import classify
 from tasks import _secrets  # noqa: F401  (registers the Prefect Secret block resolver)
+from tasks._background import later
 from tasks._limits import hold_accelerators
 
 __all__ = ["build_context", "stage_task"]
@@ -110,13 +111,20 @@ def _publish_artifacts(ctx: ReleaseContext, result: StageResult, *, reused: bool
     for key, value in redact_obj(result.outputs).items():
         if isinstance(value, str | int | float | bool) or value is None:
             lines.append(f"- **{key}**: `{value}`")
-    create_markdown_artifact(
-        "\n".join(lines), key=_artifact_key(name, stage), description=f"{name}: what the {stage} stage did"
+    # Created in the background (tasks._background): the flow waits for them before it ends.
+    later(
+        create_markdown_artifact,
+        "\n".join(lines),
+        key=_artifact_key(name, stage),
+        description=f"{name}: what the {stage} stage did",
     )
     for table, rows in result.tables.items():
         if rows:
-            create_table_artifact(
-                redact_obj(rows), key=_artifact_key(name, stage, table), description=f"{name}: {stage} / {table}"
+            later(
+                create_table_artifact,
+                redact_obj(rows),
+                key=_artifact_key(name, stage, table),
+                description=f"{name}: {stage} / {table}",
             )
 
 
@@ -179,7 +187,8 @@ def stage_task(
         # A stage that serves the model holds its nodes' accelerators (flagrelease.limits).
         with contextlib.nullcontext() if reused or ctx.dry_run else hold_accelerators(ctx.config, stage):
             result = execute_stage(ctx, stage, force=force)
-        ctx.progress(stage, 1.0, "reused" if reused else result.summary)
+        if not reused:  # a reused stage made no progress: its bar stays the run's that made it
+            ctx.progress(stage, 1.0, result.summary)
         _publish_artifacts(ctx, result, reused=reused)
         # The summary is logged once, by execute_stage (the flagrelease logger reaches the run page).
         return result.to_json()

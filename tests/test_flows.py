@@ -95,10 +95,14 @@ def test_deployments_show_in_the_prefect_ui(prefect_server: PrefectServer, tmp_p
         f"--user-data-dir={tmp_path / 'chromium'}",
         "--virtual-time-budget=20000",
     ]
-    url = f"{prefect_server.ui_url}/deployments"
-    dom = subprocess.run(["chromium", *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    # Each release's own page (the list pages through many deployments: the matrices' pairs too).
     for name in ("deepseek-r1-iluvatar", "deepseek-r1-distill-qwen-32b-nvidia", "demo-tiny-cpu"):
-        assert name in dom, f"{name} not shown on {url}"
+        found = httpx.get(f"{prefect_server.api_url}/deployments/name/flagrelease/{name}", timeout=30)
+        assert found.status_code == 200, f"flagrelease/{name} is not registered: {found.text[:300]}"
+        page = f"{prefect_server.ui_url}/deployments/deployment/{found.json()['id']}"
+        dom = subprocess.run(["chromium", *flags, "--dump-dom", page], capture_output=True, text=True, timeout=120)
+        assert name in dom.stdout, f"{name} not shown on {page}"
+    url = f"{prefect_server.ui_url}/deployments"
     shot = tmp_path / "deployments.png"
     subprocess.run(
         ["chromium", *flags, "--window-size=1400,900", f"--screenshot={shot}", url], capture_output=True, timeout=120

@@ -10,6 +10,7 @@ them from this process takes the CPU one over and leaves the H100 one to its poo
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -71,7 +72,13 @@ def _serve(server: PrefectServer, folder: Path, *extra: str, ready: Any) -> str:
             os.killpg(serve.pid, signal.SIGKILL)
             serve.wait()
     assert serve.returncode == 0, out[-3000:]
-    return out
+    return _unwrapped(out)
+
+
+def _unwrapped(output: str) -> str:
+    """``output`` with the console's line wrapping and log gutters undone, spaces collapsed."""
+    text = re.sub(r"^(\[[\d:.]+\])?\s*(DEBUG|INFO|WARNING|ERROR|CRITICAL)?\s+", "", output, flags=re.M)
+    return re.sub(r"\s+", " ", text)
 
 
 def test_serve_takes_over_only_this_machines_deployments_and_gives_them_back(

