@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -396,6 +397,45 @@ async def _give_back(taken: list[TakenOver]) -> list[str]:
     return given
 
 
+def _serve_until_interrupted(deployments: list[Any], *, limit: int | None) -> None:
+    """Serve ``deployments`` (Prefect's runner) until SIGINT or SIGTERM; stop it gracefully.
+
+    ``prefect.serve`` turns Ctrl-C into a cancellation of the runner, wherever it is: one
+    that lands while the runner is still starting (its API client, event worker and task
+    groups half entered) can leave threads that keep the process alive after it.  Here a
+    signal only asks the runner to stop, once it has started, through its own ``astop``.
+    """
+    from prefect.runner import Runner
+
+    runner = Runner(pause_on_shutdown=True, limit=limit)
+    for deployment in deployments:
+        runner.add_deployment(deployment)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):  # the runner sets its own SIGTERM handler once started
+            loop.add_signal_handler(sig, stop.set)
+        running = asyncio.ensure_future(runner.start())
+        asking = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({running, asking}, return_when=asyncio.FIRST_COMPLETED)
+        if not running.done():
+            log.info("stopping: the runner finishes its start, then stops")
+            while not runner.started and not running.done():
+                await asyncio.sleep(0.1)
+            if not running.done():
+                await runner.astop()
+        asking.cancel()
+        await running
+
+    log.info(
+        "serving %d deployment(s) from this process: %s; Ctrl-C stops",
+        len(deployments),
+        ", ".join(sorted(str(d.name) for d in deployments)),
+    )
+    asyncio.run(main())
+
+
 def serve_deployments(
     *, config_dir: Path | None = None, limit: int | None = None, take_over: bool = False
 ) -> list[str]:
@@ -413,8 +453,6 @@ def serve_deployments(
     Returns:
         The full names of the deployments given back.
     """
-    from prefect import serve
-
     from flows.matrix import flagrelease_matrix
     from flows.release import flagrelease
 
@@ -439,7 +477,7 @@ def serve_deployments(
             if f"flagrelease-matrix/{m.name}" in chosen
         ]
         if deployments:
-            serve(*deployments, limit=limit)
+            _serve_until_interrupted(deployments, limit=limit)
         else:
             log.warning("no deployment to serve from this process")
     finally:

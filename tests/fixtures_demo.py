@@ -11,13 +11,14 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import yaml
 
 from flagrelease.constants import REPO_ROOT
+from flagrelease.pipeline import STAGES
 from flagrelease.services import LocalRegistry, ensure_registry
 from tests.fixtures_prefect import PrefectServer, free_port
 
@@ -56,6 +57,8 @@ class DemoRun:
     config: Path
     root: Path
     output: str
+    #: Each stage's summary as the run left it (later tests may run stages of it again).
+    summaries: dict[str, str] = field(default_factory=dict)
 
     @property
     def work(self) -> Path:
@@ -97,4 +100,6 @@ def demo_run(
     output = proc.stdout + proc.stderr
     (root / "run.log").write_text(output)
     assert proc.returncode == 0, f"demo release failed:\n{output[-6000:]}"
-    yield DemoRun(config=config, root=root, output=output)
+    run = DemoRun(config=config, root=root, output=output)
+    run.summaries = {stage: run.state(stage)["summary"] for stage in STAGES}
+    yield run

@@ -43,7 +43,7 @@ def _console_text(output: str) -> str:
 def test_each_stage_summary_is_logged_once(demo_run: DemoRun) -> None:
     text = _console_text(demo_run.output)
     for stage in STAGES:
-        summary = demo_run.state(stage)["summary"]
+        summary = demo_run.summaries[stage]
         assert len(_squash(summary)) > 20, (stage, summary)
         assert text.count(_squash(summary)) == 1, f"the {stage} summary is not logged once: {summary!r}"
 
