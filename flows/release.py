@@ -148,13 +148,17 @@ def _run_stages(
     """
     states: dict[str, State[Any]] = {}
 
+    def settle(name: str, future: PrefectFuture[Any]) -> None:
+        """Wait for a submitted task and keep its state; raise its failure."""
+        future.wait()
+        states[name] = future.state
+        states[name].result()
+
     def args(stage: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
         inputs = stage_inputs(cfg, stage)
         for s in inputs:  # a stage started early is waited for when needed; its failure raises here
             if s in early and s not in states:
-                early[s].wait()
-                states[s] = early[s].state
-                states[s].result()
+                settle(s, early[s])
         upstream = {s: states[s].result() for s in inputs if s in states} if dry_run else {}
         wait = [states[s] for s in inputs if s in states]
         return (config, upstream), {"dry_run": dry_run, "force": force, "options": options, "wait_for": wait}
@@ -170,16 +174,13 @@ def _run_stages(
                 a, kw = args(later)
                 early[later] = STAGE_TASKS[later].submit(*a, **kw)
         if stage == "eval" and ref is not None:
-            ref.wait()
-            states["reference"] = ref.state
-            states["reference"].result()
+            settle("reference", ref)
         a, kw = args(stage)
         states[stage] = STAGE_TASKS[stage](*a, **kw, return_state=True)
         states[stage].result()  # raises when the stage failed, as a plain call does
     for stage in wanted:
         if stage not in states:
-            early[stage].wait()
-            states[stage] = early[stage].state
+            settle(stage, early[stage])
     order = [n for s in wanted for n in (("reference", s) if s == "eval" and "reference" in states else (s,))]
     return {s: states[s].result() for s in order}
 

@@ -9,7 +9,6 @@ without Prefect prints no warning about logs sent to the API without a flow run.
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,25 +17,14 @@ import pytest
 
 from flagrelease.constants import PREFECT_ENV_DEFAULTS
 from flagrelease.pipeline import STAGES
+from tests._console import console_text as _console_text
+from tests._console import squash as _squash
 from tests.fixtures_demo import DemoRun
 from tests.fixtures_prefect import PrefectServer, free_port
 
 FLAGRELEASE = str(Path(sys.executable).parent / "flagrelease")
 API_WARNING = "attempted to send logs to the API"
 pytestmark = [pytest.mark.slow]
-
-#: The gutter of a console log line: ``[12:34:56] INFO     `` (the time only when it changed).
-_GUTTER = re.compile(r"^(\[[\d:.]+\])?\s*(DEBUG|INFO|WARNING|ERROR|CRITICAL)?\s", re.M)
-
-
-def _squash(text: str) -> str:
-    """``text`` without whitespace, so that the console's line wrapping does not matter."""
-    return re.sub(r"\s+", "", text)
-
-
-def _console_text(output: str) -> str:
-    """The messages of a command's console log, gutters and whitespace removed."""
-    return _squash(_GUTTER.sub("", output))
 
 
 @pytest.mark.vllm

@@ -10,7 +10,6 @@ them from this process takes the CPU one over and leaves the H100 one to its poo
 from __future__ import annotations
 
 import os
-import re
 import secrets
 import signal
 import subprocess
@@ -24,6 +23,7 @@ import pytest
 import yaml
 
 from flagrelease.constants import REPO_ROOT
+from tests._console import unwrapped
 from tests.fixtures_demo import write_demo_config
 from tests.fixtures_prefect import PrefectServer
 
@@ -72,13 +72,7 @@ def _serve(server: PrefectServer, folder: Path, *extra: str, ready: Any) -> str:
             os.killpg(serve.pid, signal.SIGKILL)
             serve.wait()
     assert serve.returncode == 0, out[-3000:]
-    return _unwrapped(out)
-
-
-def _unwrapped(output: str) -> str:
-    """``output`` with the console's line wrapping and log gutters undone, spaces collapsed."""
-    text = re.sub(r"^(\[[\d:.]+\])?\s*(DEBUG|INFO|WARNING|ERROR|CRITICAL)?\s+", "", output, flags=re.M)
-    return re.sub(r"\s+", " ", text)
+    return unwrapped(out)
 
 
 def test_serve_takes_over_only_this_machines_deployments_and_gives_them_back(
