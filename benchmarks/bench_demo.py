@@ -9,6 +9,9 @@ database), each measurement in its own process, as a user would run it:
   folder) with an empty ``$FLAGRELEASE_HOME``: the tiny model is generated and trained,
   converted, rendered, served, load-tested, evaluated (target, reference, FlagGems off),
   gated, carded and published.
+- ``cold, base image made``: the same in another fresh folder, on the first run's Docker
+  engine (its vllm-cpu base image made) with the tiny model's cache emptied: what a fresh
+  clone costs on a machine that has served the demo before, training included.
 - ``cold, warm user cache``: the same in another fresh folder (a second clone) with the
   user cache of the first: the tiny model comes from the cache (by its recipe's hash).
 - ``cached re-run``: the first folder again with nothing changed: every stage is reused.
@@ -231,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
             env.pop("FLAGRELEASE_CACHE", None)
             if not args.skip_cold:
                 rows.append(_run_demo("cold (empty user cache)", work / "one", env, bare_env, work))
+                # A second clone on a machine whose engine has the base image, before the
+                # tiny model is cached: it trains the model again, and builds no base.
+                shutil.rmtree(home / "cache" / "tiny-models", ignore_errors=True)
+                rows.append(_run_demo("cold, base image made", work / "three", env, bare_env, work))
             rows.append(_run_demo("cold, warm user cache", work / "two", env, bare_env, work))
             rows.append(_run_demo("cached re-run", work / "two", env, bare_env, work))
             publish = _artifact(bare_env, "demo-tiny-cpu-publish")

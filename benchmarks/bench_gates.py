@@ -11,8 +11,12 @@ in two scenarios, and every repetition is judged as the gate judges it
   hardest threshold, where the expected false-fail rate is alpha itself.
 - **planted slowdown**: FlagGems on with one operator of the CPU stand-in library made 2x
   slower (``FLAGRELEASE_GEMS_INJECT=<op>:slow``, a knob only tests and benchmarks set)
-  against the same build without it.  Judged at ``--detect-min-ratio``: each ``fail`` is
-  a detection.
+  against the same build without it (each call of the operator followed by as long again
+  on the CPU).  Judged at ``--detect-min-ratio`` (default 1.0: "significantly slower",
+  the threshold where A/A fails at most alpha of the time) and at 0.9 and 0.95: each
+  ``fail`` is a detection.  One operator of the tiny model is a small part of a step, so
+  2x slower costs the server about a tenth of its tokens/s: only a precise measurement
+  sees it.
 
 Each scenario starts its two servers once (side by side, as ``servers: both`` does) and
 reuses them for every repetition.  It prints the false-fail and detection counts, the
@@ -51,6 +55,9 @@ from flagrelease.tinymodel import generate_tiny_model  # noqa: E402
 __all__ = ["main"]
 
 AA_THRESHOLDS = (0.5, 0.8, 1.0)
+#: The planted scenario is judged at these too: a single operator of the tiny model, even
+#: 2x slower, costs the whole server only ~10% (its calls are a small part of a step).
+PLANTED_THRESHOLDS = (0.9, 0.95, 1.0)
 ALPHA = 0.05
 METRICS = ("wall", "cpu")
 
@@ -214,13 +221,15 @@ def _markdown(report: dict[str, Any]) -> str:
             f"- **{metric}**: A/A false fails {aa_f['0.5']}/{aa['reps']} at the demo's minimum 0.5, "
             f"{aa_f['0.8']} at the GPU configs' 0.8, {aa_f['1.0']} at 1.0 (the hardest threshold, where alpha "
             f"allows {ALPHA * aa['reps']:.1f} expected); planted 2x slower `{report['op']}` detected "
-            f"{det_f[str(report['detect_min_ratio'])]}/{det['reps']} times (fail at min {report['detect_min_ratio']})."
+            f"{det_f[str(report['detect_min_ratio'])]}/{det['reps']} times (fail at min {report['detect_min_ratio']}; "
+            + ", ".join(f"{n} at {m}" for m, n in det_f.items() if m != str(report["detect_min_ratio"]))
+            + ")."
         )
     lines += [
         f"- **Cost**: {aa['server_start_s']:.0f} s and {det['server_start_s']:.0f} s to start each pair of servers; "
         f"{seconds:.1f} s per measurement (median; {2 * s['trials']} trials and the warm-ups); "
-        f"{report['seconds']:.0f} s in all. In a release, the gate adds one pair of server starts and one "
-        "measurement to the eval stage.",
+        f"{report['seconds']:.0f} s in all. In a release on the CPU (`servers: both`) the trials run on the two "
+        "servers the arms' evals used: the gate adds one measurement to the eval stage (elsewhere, four servings).",
         f"- Machine load (`/proc/loadavg`, 1/5/15 min) before and after: {report['load_before']} / "
         f"{report['load_after']} on {report['machine']}: other work shares the cores.",
         "",
@@ -236,10 +245,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=8, help="rounds per measurement (default 8)")
     parser.add_argument("--requests", type=int, default=8, help="requests per trial (default 8)")
     parser.add_argument("--max-tokens", type=int, default=32, help="output tokens per request (default 32)")
-    parser.add_argument("--concurrency", type=int, default=4, help="requests in flight (default 4)")
+    parser.add_argument("--concurrency", type=int, default=1, help="requests in flight (default 1)")
     parser.add_argument("--warmup", type=int, default=8, help="warm-up requests per arm (default 8)")
     parser.add_argument("--op", default="mul", help="the CPU stand-in operator made 2x slower (default mul)")
-    parser.add_argument("--detect-min-ratio", type=float, default=0.9, help="threshold of the planted scenario")
+    parser.add_argument(
+        "--detect-min-ratio",
+        type=float,
+        default=1.0,
+        help="headline threshold of the planted scenario (default 1.0: significantly slower; also judged at 0.9, 0.95)",
+    )
     parser.add_argument(
         "--budget-s", type=float, default=900, help="stop a scenario's measurements after this many seconds"
     )
@@ -276,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                 reps=args.reps,
                 settings=settings,
                 concurrency=args.concurrency,
-                thresholds=(args.detect_min_ratio,),
+                thresholds=tuple(sorted({*PLANTED_THRESHOLDS, args.detect_min_ratio})),
                 deadline=time.monotonic() + args.budget_s,
             )
         planted.update(label=f"planted: `{args.op}` 2x slower vs healthy", server_start_s=start_s)

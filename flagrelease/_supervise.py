@@ -28,7 +28,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -37,6 +37,8 @@ import psutil
 from flagrelease._atomic import atomic_write_json
 
 __all__ = [
+    "ServerStopped",
+    "StopScope",
     "SupervisedProcess",
     "group_members",
     "kill_group",
@@ -53,6 +55,60 @@ _running: set[SupervisedProcess] = set()
 _running_lock = threading.RLock()
 
 _PR_SET_PDEATHSIG = 1
+
+#: The :class:`StopScope` a thread's new servers join (see :meth:`StopScope.entered`).
+_scope = threading.local()
+
+
+class StopScope:
+    """The servers one piece of work starts, so that they, and only they, can be stopped early.
+
+    A thread enters the scope (:meth:`entered`); each server it starts meanwhile joins the
+    scope. :meth:`stop` may come from any thread, before, during or after those starts: it
+    stops the servers started so far, and a server started after it is stopped at once
+    and refused with :class:`ServerStopped`. Other servers of the process are left alone
+    (an eval's interrupted start ahead must not stop a server someone else runs).
+    """
+
+    def __init__(self, why: str = "the work that started it was stopped") -> None:
+        self.why = why
+        self._lock = threading.Lock()
+        self._servers: list[SupervisedProcess] = []
+        self._stopped = False
+
+    @property
+    def stopped(self) -> bool:
+        """Whether :meth:`stop` was called."""
+        return self._stopped
+
+    @contextlib.contextmanager
+    def entered(self) -> Iterator[StopScope]:
+        """Servers this thread starts in the block join the scope."""
+        outer = getattr(_scope, "current", None)
+        _scope.current = self
+        try:
+            yield self
+        finally:
+            _scope.current = outer
+
+    def stop(self, *, grace_s: float = 3.0) -> int:
+        """Stop the scope's servers, now and any started later; return how many were running."""
+        with self._lock:
+            self._stopped = True
+            servers = list(self._servers)
+        for server in servers:
+            server.stop(grace_s=grace_s)
+        return len(servers)
+
+    def _join(self, server: SupervisedProcess) -> bool:
+        with self._lock:
+            if not self._stopped:
+                self._servers.append(server)
+            return not self._stopped
+
+
+class ServerStopped(RuntimeError):
+    """A server was started in a :class:`StopScope` that had been stopped."""
 
 
 def state_dir() -> Path:
@@ -203,7 +259,14 @@ class SupervisedProcess:
         return self.proc.pid if self.proc is not None else None
 
     def start(self) -> int:
-        """Reap orphans of earlier runs, start the supervisor and the command; return the group id."""
+        """Reap orphans of earlier runs, start the supervisor and the command; return the group id.
+
+        Raises:
+            ServerStopped: the thread's :class:`StopScope` was stopped (before or during the start).
+        """
+        scope: StopScope | None = getattr(_scope, "current", None)
+        if scope is not None and scope.stopped:
+            raise ServerStopped(f"{self.what} was not started: {scope.why}")
         reap_orphans()
         me = os.getpid()
         self.pid_file = _pid_files() / f"{me}-{time.monotonic_ns()}.json"
@@ -245,6 +308,9 @@ class SupervisedProcess:
         if self.stop_on_exit:
             with _running_lock:
                 _running.add(self)
+        if scope is not None and not scope._join(self):
+            self.stop(grace_s=0.0)
+            raise ServerStopped(f"{self.what} was stopped as it started: {scope.why}")
         return self.proc.pid
 
     def exited(self) -> str | None:

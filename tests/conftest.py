@@ -21,6 +21,21 @@ pytest_plugins = [
 ]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Ctrl-C works in the session and in what it starts, however the session was started.
+
+    A shell without job control starts a background command (``cmd &`` in a script) with
+    SIGINT ignored; the ignore is inherited across exec, and Python then never turns
+    SIGINT into KeyboardInterrupt.  The interruption tests, and the tests that stop a
+    ``flagrelease serve`` or a Prefect worker with SIGINT, need the default: a handler set
+    here is reset to the default in every child at exec.
+    """
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _session_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """One cache folder for the whole session, never the user's: the demo model is trained once.

@@ -124,6 +124,7 @@ def _level(base_url: str, model_name: str, settings: LoadTestSettings, concurren
     }
     budget_end = time.monotonic() + settings.timeout_s
     lock = threading.Lock()
+    stop = threading.Event()  # set when the caller is interrupted: the workers issue nothing more
     issued = 0
 
     def worker(client: httpx.Client) -> list[RequestResult]:
@@ -131,7 +132,7 @@ def _level(base_url: str, model_name: str, settings: LoadTestSettings, concurren
         out: list[RequestResult] = []
         while True:
             with lock:
-                if issued >= settings.requests_per_level or time.monotonic() >= budget_end:
+                if stop.is_set() or issued >= settings.requests_per_level or time.monotonic() >= budget_end:
                     return out
                 issued += 1
             out.append(_one(client, url, body))
@@ -143,7 +144,13 @@ def _level(base_url: str, model_name: str, settings: LoadTestSettings, concurren
         httpx.Client(timeout=timeout, limits=limits, trust_env=False) as client,
         ThreadPoolExecutor(concurrency) as pool,
     ):
-        results = [r for rs in pool.map(lambda _: worker(client), range(concurrency)) for r in rs]
+        try:
+            results = [r for rs in pool.map(lambda _: worker(client), range(concurrency)) for r in rs]
+        except BaseException:
+            # Interrupted (SIGTERM, Ctrl-C, Prefect's TerminationSignal): leaving the pool waits
+            # only for the requests in flight, not for the rest of the level.
+            stop.set()
+            raise
     wall = max(time.monotonic() - start, 1e-9)
     ok = [r for r in results if r.ok]
     ttfts = [r.ttft_s * 1000 for r in ok if r.ttft_s is not None]

@@ -180,8 +180,8 @@ def serve_local(plan: ServePlan, *, python: Path | None = None) -> Iterator[Endp
                     record_dir=plan.record_dir,
                     info={"argv": argv, "startup_s": round(took, 1), "executed": [record]},
                 )
-            except (KeyboardInterrupt, SystemExit):
-                interrupted = True
+            except BaseException as err:
+                interrupted = not isinstance(err, Exception)  # Ctrl-C, SIGTERM, Prefect's TerminationSignal
                 raise
             gone = server.exited()
             if gone is not None:
@@ -191,8 +191,8 @@ def serve_local(plan: ServePlan, *, python: Path | None = None) -> Iterator[Endp
                     gone,
                     log_tail(plan.log_path, 10),
                 )
-    except (KeyboardInterrupt, SystemExit):
-        interrupted = True
+    except BaseException as err:
+        interrupted = interrupted or not isinstance(err, Exception)
         raise
     finally:
         server.stop(grace_s=DEATH_GRACE_S if interrupted else GRACE_S)

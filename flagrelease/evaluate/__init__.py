@@ -16,12 +16,20 @@ from flagrelease.evaluate._run import Endpoint, EvalRun, evaluate_endpoint, load
 from flagrelease.evaluate._stage import run_stage
 from flagrelease.evaluate._tasks import check_tasks
 from flagrelease.evaluate._throughput import Arm, measure_interleaved, measure_throughput
-from flagrelease.evaluate._variants import VariantPlan, evaluate_live, flaggems_trial, plan_variants, serve_variant
+from flagrelease.evaluate._variants import (
+    ServerPool,
+    VariantPlan,
+    evaluate_live,
+    flaggems_trial,
+    plan_variants,
+    serve_variant,
+)
 
 __all__ = [
     "Arm",
     "Endpoint",
     "EvalRun",
+    "ServerPool",
     "VariantPlan",
     "check_tasks",
     "evaluate_endpoint",

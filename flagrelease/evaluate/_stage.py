@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from flagrelease.errors import EvalError
 from flagrelease.evaluate._run import EvalRun, load_stored_run
 from flagrelease.evaluate._tasks import check_tasks
 from flagrelease.evaluate._throughput import Arm, measure_interleaved, servers_mode
-from flagrelease.evaluate._variants import FINDING_KINDS, VariantPlan, evaluate_live, plan_variants, serve_variant
+from flagrelease.evaluate._variants import (
+    FINDING_KINDS,
+    ServerPool,
+    VariantPlan,
+    evaluate_live,
+    plan_variants,
+    serve_variant,
+)
 from flagrelease.evaluate.outputs import EvalOutputs, ThroughputOutputs, VariantOutputs
 from flagrelease.evaluate.reference import publish_reference_run
 from flagrelease.pipeline import ReleaseContext, StageResult
@@ -101,12 +109,24 @@ def _dry_run(plans: list[VariantPlan]) -> StageResult:
     )
 
 
-def _throughput_trials(ctx: ReleaseContext, plans: dict[str, VariantPlan]) -> ThroughputOutputs:
-    """FlagGems on vs off, interleaved, on the same serving set-up, after both evals."""
+def _throughput_trials(
+    ctx: ReleaseContext, plans: dict[str, VariantPlan], pool: ServerPool | None
+) -> ThroughputOutputs:
+    """FlagGems on vs off, interleaved, on the same serving set-up, after both evals.
+
+    With a ``pool`` (``servers: both``) the trials run on the two servers the evals used,
+    kept up for them (no eval runs any more); without, each arm is served afresh, one at
+    a time (``alternate``).
+    """
     cfg = ctx.config
     settings = cfg.gates.throughput
     arms = [
-        Arm(name, lambda p=plans[name]: serve_variant(ctx, plan=p, label=f"{p.name}-throughput"))  # type: ignore[misc]
+        Arm(
+            name,
+            (lambda p=plans[name]: pool.serve(p, keep=True))  # type: ignore[misc]
+            if pool is not None
+            else (lambda p=plans[name]: serve_variant(ctx, plan=p, label=f"{p.name}-throughput")),  # type: ignore[misc]
+        )
         for name in _ARMS
     ]
     data = measure_interleaved(
@@ -115,7 +135,7 @@ def _throughput_trials(ctx: ReleaseContext, plans: dict[str, VariantPlan]) -> Th
         concurrency=settings.concurrency or cfg.eval.concurrency,
         prompt=cfg.serve.load_test.prompt,
         load_test=ctx.hook("load_test"),
-        servers=servers_mode(settings, chip=cfg.chip),
+        servers="both" if pool is not None else "alternate",
         progress=lambda f, m: ctx.progress("eval", 0.9 + 0.1 * f, m),
     )
     return ThroughputOutputs.model_validate(data)
@@ -124,6 +144,63 @@ def _throughput_trials(ctx: ReleaseContext, plans: dict[str, VariantPlan]) -> Th
 def _arm_mean(throughput: ThroughputOutputs, arm: str) -> float | None:
     values = [t.tok_s for t in throughput.trials if t.arm == arm]
     return round(sum(values) / len(values), 2) if values else None
+
+
+def _evaluate_variants(
+    ctx: ReleaseContext, plans: list[VariantPlan], *, pool: ServerPool | None, trials_planned: bool
+) -> tuple[dict[str, VariantOutputs], dict[str, EvalRun]]:
+    """Evaluate each variant in turn; the variants in ``plans``' order.
+
+    With a ``pool`` (two servers fit at once), the served variants other than the
+    throughput arms go first, each next server starts while the previous eval runs, and
+    the arms' servers are kept for the trials: at most two servers are up at a time.
+    """
+    cfg = ctx.config
+    compared = "target_gems_off" in {p.name for p in plans}
+    runs: dict[str, EvalRun] = {}
+    variants: dict[str, VariantOutputs] = {}
+    order = plans
+    if pool is not None:
+        first = [p for p in plans if p.served and p.name not in _ARMS]
+        order = first + [p for p in plans if p not in first]
+    served = [p for p in order if p.served]
+    for i, plan in enumerate(order):
+        ctx.progress("eval", 0.9 * i / len(order), f"evaluating {plan.name}")
+        out_dir = ctx.layout.eval_dir / plan.name
+        if plan.stored is not None:
+            run = load_stored_run(plan.stored, tasks=cfg.eval.tasks, out_dir=out_dir, variant=plan.name)
+        elif plan.scores is not None:
+            variants[plan.name] = _scores_output(ctx, plan)
+            continue
+        elif plan.same_as is not None:
+            if plan.same_as not in runs:  # that variant failed; so does this one
+                variants[plan.name] = variants[plan.same_as].model_copy(update={"same_as": plan.same_as})
+                continue
+            run = runs[plan.same_as]
+        else:
+            try:
+                # The two arms get their throughput from the interleaved trials instead.
+                arm = trials_planned and plan.name in _ARMS
+                after = served[served.index(plan) + 1 :]
+                run = evaluate_live(
+                    ctx,
+                    plan,
+                    out_dir=out_dir,
+                    throughput=not arm,
+                    serve=None if pool is None else (lambda p=plan, k=arm: pool.serve(p, keep=k)),  # type: ignore[misc]
+                    alongside=(lambda n=after[0]: pool.ahead(n)) if pool is not None and after else None,  # type: ignore[misc]
+                )
+            except EvalError as err:
+                # A FlagGems-on serve that computes NaN/inf or fails a probe is a finding for
+                # the gate (which then bisects the operators against FlagGems off).
+                if getattr(err, "kind", None) not in FINDING_KINDS or not plan.flaggems or not compared:
+                    raise
+                log.warning("%s", err.message)
+                variants[plan.name] = _failed_output(plan, err)
+                continue
+        runs[plan.name] = run
+        variants[plan.name] = _variant_output(plan, run)
+    return {p.name: variants[p.name] for p in plans if p.name in variants}, runs
 
 
 def run_stage(ctx: ReleaseContext) -> StageResult:
@@ -152,47 +229,19 @@ def run_stage(ctx: ReleaseContext) -> StageResult:
         return _dry_run(plans)
     check_tasks([t.name for t in cfg.eval.tasks], include_path=cfg.eval.include_path)
     ctx.layout.eval_dir.mkdir(parents=True, exist_ok=True)
-    runs: dict[str, EvalRun] = {}
-    variants: dict[str, VariantOutputs] = {}
     by_name = {p.name: p for p in plans}
     trials_planned = all(n in by_name for n in _ARMS)
-    for i, plan in enumerate(plans):
-        ctx.progress("eval", 0.9 * i / len(plans), f"evaluating {plan.name}")
-        out_dir = ctx.layout.eval_dir / plan.name
-        if plan.stored is not None:
-            run = load_stored_run(plan.stored, tasks=cfg.eval.tasks, out_dir=out_dir, variant=plan.name)
-        elif plan.scores is not None:
-            variants[plan.name] = _scores_output(ctx, plan)
-            continue
-        elif plan.same_as is not None:
-            if plan.same_as not in runs:  # that variant failed; so does this one
-                variants[plan.name] = variants[plan.same_as].model_copy(update={"same_as": plan.same_as})
-                continue
-            run = runs[plan.same_as]
-        else:
-            try:
-                # The two arms get their throughput from the interleaved trials instead.
-                run = evaluate_live(ctx, plan, out_dir=out_dir, throughput=not (trials_planned and plan.name in _ARMS))
-            except EvalError as err:
-                # A FlagGems-on serve that computes NaN/inf or fails a probe is a finding for
-                # the gate (which then bisects the operators against FlagGems off).
-                if (
-                    getattr(err, "kind", None) not in FINDING_KINDS
-                    or not plan.flaggems
-                    or "target_gems_off" not in by_name
-                ):
-                    raise
-                log.warning("%s", err.message)
-                variants[plan.name] = _failed_output(plan, err)
-                continue
-        runs[plan.name] = run
-        variants[plan.name] = _variant_output(plan, run)
-    throughput: ThroughputOutputs | None = None
-    if trials_planned and all(n in runs for n in _ARMS):
-        ctx.progress("eval", 0.9, "throughput trials, FlagGems on and off")
-        throughput = _throughput_trials(ctx, by_name)
-        for name in _ARMS:
-            variants[name] = variants[name].model_copy(update={"throughput": _arm_mean(throughput, name)})
+    # Where two servers fit at once (servers: both), the next server starts during an eval,
+    # and the two arms' servers stay up after their evals for the throughput trials.
+    both = servers_mode(cfg.gates.throughput, chip=cfg.chip) == "both"
+    with ServerPool(ctx) if both else contextlib.nullcontext() as pool:
+        variants, runs = _evaluate_variants(ctx, plans, pool=pool, trials_planned=trials_planned)
+        throughput: ThroughputOutputs | None = None
+        if trials_planned and all(n in runs for n in _ARMS):
+            ctx.progress("eval", 0.9, "throughput trials, FlagGems on and off")
+            throughput = _throughput_trials(ctx, by_name, pool)
+            for name in _ARMS:
+                variants[name] = variants[name].model_copy(update={"throughput": _arm_mean(throughput, name)})
     ctx.progress("eval", 1.0, "done")
     failed = sorted(n for n, v in variants.items() if v.error)
     if ctx.options.get("role") == REFERENCE_ROLE and "reference" in runs:

@@ -16,15 +16,19 @@ deploy stage.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from flagrelease._supervise import StopScope
 from flagrelease.config import EvalTask
 from flagrelease.convert.outputs import ConvertOutputs
 from flagrelease.errors import ConfigError, EvalError
@@ -226,6 +230,107 @@ def serve_variant(
     )
 
 
+class ServerPool:
+    """The eval stage's servers: started ahead, kept for the throughput trials, always stopped.
+
+    * :meth:`serve` hands out a variant's running server: the one started ahead, a kept
+      one, or a fresh one.  After the block it is kept (``keep=True``, for the trials) or
+      stopped; a server whose block raised (it died, say) is stopped and forgotten, so
+      that a retry starts a fresh one.
+    * :meth:`ahead`: while its block runs (the previous variant's eval), the next variant's
+      server starts in the background, on the pool's one long-lived thread (a server gets
+      SIGTERM when the thread that started it ends).  Leaving the block waits for that
+      start, so that nothing measured after it shares the CPU with a starting server.  A
+      start that failed is logged, and :meth:`serve` starts it again.
+    * :meth:`close` (or leaving the ``with`` block) stops every server, the newest first.
+    """
+
+    def __init__(self, ctx: ReleaseContext) -> None:
+        self._ctx = ctx
+        self._live: dict[str, tuple[Endpoint, AbstractContextManager[Endpoint]]] = {}
+        # The starts ahead, each with its scope: an interruption stops only the servers in it.
+        self._starting: dict[str, tuple[Future[tuple[Endpoint, AbstractContextManager[Endpoint]]], StopScope]] = {}
+        self._thread: ThreadPoolExecutor | None = None
+
+    def __enter__(self) -> ServerPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop every server (waiting for any start in progress first)."""
+        try:
+            for name in list(self._starting):
+                self._settle(name)
+            with contextlib.ExitStack() as stack:  # every one stopped, even when one raises
+                for _, server in self._live.values():
+                    stack.push(server)
+                self._live.clear()
+        finally:
+            if self._thread is not None:
+                self._thread.shutdown(wait=True)
+                self._thread = None
+
+    def _start(
+        self, plan: VariantPlan, scope: StopScope | None = None
+    ) -> tuple[Endpoint, AbstractContextManager[Endpoint]]:
+        server = serve_variant(self._ctx, plan=plan)
+        with scope.entered() if scope is not None else contextlib.nullcontext():
+            return server.__enter__(), server
+
+    def _settle(self, name: str, *, interrupted: bool = False) -> None:
+        starting = self._starting.pop(name, None)
+        if starting is None:
+            return
+        try:
+            self._live[name] = starting[0].result()
+        except Exception as err:  # serve() starts it again, and reports its own failure
+            if not interrupted:
+                log.warning("[%s] starting the server ahead failed; starting it again in its turn: %s", name, err)
+
+    @contextlib.contextmanager
+    def ahead(self, plan: VariantPlan) -> Iterator[None]:
+        """Start ``plan``'s server in the background while the block runs; wait for it at the end.
+
+        When the block is interrupted (SIGTERM, Ctrl-C, Prefect's ``TerminationSignal``), the
+        run is ending: the start in progress is stopped rather than waited for.
+        """
+        if plan.name not in self._live and plan.name not in self._starting:
+            if self._thread is None:
+                self._thread = ThreadPoolExecutor(1, thread_name_prefix="flagrelease-serve-ahead")
+            scope = StopScope("the eval was interrupted")
+            self._starting[plan.name] = (self._thread.submit(self._start, plan, scope), scope)
+        interrupted = False
+        try:
+            yield
+        except BaseException as err:
+            interrupted = not isinstance(err, Exception)
+            if interrupted and plan.name in self._starting:
+                self._starting[plan.name][1].stop(grace_s=3.0)  # the start ahead fails fast
+            raise
+        finally:
+            self._settle(plan.name, interrupted=interrupted)
+
+    @contextlib.contextmanager
+    def serve(self, plan: VariantPlan, *, keep: bool = False) -> Iterator[Endpoint]:
+        """The running server of ``plan`` (started now if none is); kept after the block when ``keep``."""
+        self._settle(plan.name)
+        if plan.name not in self._live:
+            self._live[plan.name] = self._start(plan)
+        endpoint, server = self._live[plan.name]
+        try:
+            yield endpoint
+        except BaseException:
+            del self._live[plan.name]
+            if not server.__exit__(*sys.exc_info()):
+                raise
+            return
+        if not keep:
+            del self._live[plan.name]
+            server.__exit__(None, None, None)
+
+
 def evaluate_live(
     ctx: ReleaseContext,
     plan: VariantPlan,
@@ -238,6 +343,8 @@ def evaluate_live(
     throughput: bool = True,
     samples_per_item: int | None = None,
     probes: bool = True,
+    serve: Callable[[], AbstractContextManager[Endpoint]] | None = None,
+    alongside: Callable[[], AbstractContextManager[None]] | None = None,
 ) -> EvalRun:
     """Serve ``plan``, probe it, evaluate it (restarting the server once if it dies), measure tokens/s.
 
@@ -252,6 +359,10 @@ def evaluate_live(
         throughput: measure output tokens/s at the eval concurrency once the eval is done.
         samples_per_item: passes of generative tasks (default ``eval.samples_per_item``).
         probes: run the pre-eval probes (``eval.probes``) first.
+        serve: how to get the server (default: a fresh :func:`serve_variant`, stopped after);
+            the eval stage passes its :class:`ServerPool`'s.
+        alongside: a context manager around the eval itself, not the throughput measurement
+            after it (the eval stage starts the next variant's server there).
 
     Raises:
         EvalError: the eval failed; ``kind`` says how (``nonfinite``, ``truncated`` ...).
@@ -262,49 +373,53 @@ def evaluate_live(
     cache = cache_file(ctx, plan, extra=",".join(sorted(excluded_ops or [])) if excluded_ops is not None else "")
     last: EvalError | None = None
     for attempt in range(_SERVER_RESTARTS + 1):
-        with serve_variant(ctx, plan=plan, excluded_ops=excluded_ops, label=name) as endpoint:
-            try:
-                run = evaluate_endpoint(
-                    endpoint,
-                    tasks=tasks or ev.tasks,
-                    out_dir=out_dir,
-                    cache_path=cache,
-                    variant=name,
-                    generation=ev.generation,
-                    samples_per_item=samples_per_item or ev.samples_per_item,
-                    concurrency=ev.concurrency,
-                    include_path=ev.include_path,
-                    dataset_cache=ev.dataset_cache,
-                    limit=ev.limit,
-                    doc_ids=doc_ids,
-                    tokenizer=plan.model_dir,
-                    max_length=cfg.serve.engine_args.max_model_len,
-                    probes=ev.probes if probes else None,
-                )
-            except EvalError as err:
+        server = serve() if serve is not None else serve_variant(ctx, plan=plan, excluded_ops=excluded_ops, label=name)
+        try:
+            # A failure leaves the ``with`` by its exception, so that a kept server is stopped too.
+            with server as endpoint:
                 record = getattr(endpoint, "gems_ops", None)
-                if plan.flaggems and callable(record):
-                    err.gems_ops = sorted(record())  # type: ignore[attr-defined]
-                if getattr(err, "kind", None) != "request_failed" or attempt == _SERVER_RESTARTS:
+                try:
+                    with alongside() if alongside is not None else contextlib.nullcontext():
+                        run = evaluate_endpoint(
+                            endpoint,
+                            tasks=tasks or ev.tasks,
+                            out_dir=out_dir,
+                            cache_path=cache,
+                            variant=name,
+                            generation=ev.generation,
+                            samples_per_item=samples_per_item or ev.samples_per_item,
+                            concurrency=ev.concurrency,
+                            include_path=ev.include_path,
+                            dataset_cache=ev.dataset_cache,
+                            limit=ev.limit,
+                            doc_ids=doc_ids,
+                            tokenizer=plan.model_dir,
+                            max_length=cfg.serve.engine_args.max_model_len,
+                            probes=ev.probes if probes else None,
+                        )
+                except EvalError as err:
+                    if plan.flaggems and callable(record):
+                        err.gems_ops = sorted(record())  # type: ignore[attr-defined]
                     raise
-                log.warning("[%s] the server stopped answering; restarting it and resuming from the cache", name)
-                last = err
-                continue
-            record = getattr(endpoint, "gems_ops", None)
-            if plan.flaggems and callable(record):
-                run.gems_ops = sorted(record())
-            if throughput:
-                lt = cfg.serve.load_test
-                run.throughput = measure_throughput(
-                    endpoint,
-                    concurrency=ev.concurrency,
-                    requests=max(ev.concurrency * 2, lt.requests_per_level),
-                    max_tokens=lt.max_tokens,
-                    prompt=lt.prompt,
-                    timeout_s=lt.timeout_s,
-                    load_test=ctx.hook("load_test"),
-                )
-            return run
+                if plan.flaggems and callable(record):
+                    run.gems_ops = sorted(record())
+                if throughput:
+                    lt = cfg.serve.load_test
+                    run.throughput = measure_throughput(
+                        endpoint,
+                        concurrency=ev.concurrency,
+                        requests=max(ev.concurrency * 2, lt.requests_per_level),
+                        max_tokens=lt.max_tokens,
+                        prompt=lt.prompt,
+                        timeout_s=lt.timeout_s,
+                        load_test=ctx.hook("load_test"),
+                    )
+                return run
+        except EvalError as err:
+            if getattr(err, "kind", None) != "request_failed" or attempt == _SERVER_RESTARTS:
+                raise
+            log.warning("[%s] the server stopped answering; restarting it and resuming from the cache", name)
+            last = err
     assert last is not None
     raise last
 

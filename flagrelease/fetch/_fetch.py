@@ -18,11 +18,11 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from flagrelease._redact import install_log_redaction, redact
+from flagrelease._threads import map_in_threads
 from flagrelease.config import ModelSection, ModelSource
 from flagrelease.errors import FetchError
 from flagrelease.fetch._names import check_tree, clean_endpoint, safe_relpath, tree_digest
@@ -299,10 +299,9 @@ def _fetch(
             return None
         return FetchedFile(rf.path, rf.size, digest, how, "reused")
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for got in pool.map(check, candidates):
-            if got is not None:
-                results[got.path] = got
+    for got in map_in_threads(check, candidates, workers=workers, name="flagrelease-verify"):
+        if got is not None:
+            results[got.path] = got
     todo = [rf for rf in files if rf.path not in results]
     total = sum(rf.size for rf in files)
     log.info(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from flagrelease._atomic import atomic_write_json
 from flagrelease._filehash import git_blob_sha1, sha256_file
 from flagrelease._redact import redact_obj
 from flagrelease._safetensors import read_header
+from flagrelease._threads import map_in_threads
 from flagrelease.config import ModelSection
 from flagrelease.errors import FetchError
 from flagrelease.fetch._sources import LocalSource, RemoteFile
@@ -173,8 +173,7 @@ def hash_files(paths: Iterable[Path], workers: int) -> list[str | None]:
         except OSError:
             return None
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(one, paths))
+    return map_in_threads(one, paths, workers=workers, name="flagrelease-hash")
 
 
 def plan_key(model: ModelSection, source: object) -> dict[str, Any]:

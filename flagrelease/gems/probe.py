@@ -24,13 +24,13 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from flagrelease._atomic import atomic_write_json, atomic_write_text
 from flagrelease._redact import redact
+from flagrelease._threads import map_in_threads
 from flagrelease.config import ModelSource, ReleaseConfig
 from flagrelease.constants import cache_dir, hf_endpoint, hf_token
 from flagrelease.errors import ProbeError
@@ -320,8 +320,7 @@ def probe_gems(
         log.info("%-24s %s", op, res.status)
         return res
 
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        report.ops = list(pool.map(one, wanted))
+    report.ops = map_in_threads(one, wanted, workers=jobs, name="flagrelease-probe")
     report.excluded_ops = sorted(r.op for r in report.ops if r.status in FAILING)
 
     # All together: pointless when an operator alone already crashes or hangs the process.

@@ -28,6 +28,7 @@ from flagrelease.deploy.loadtest import percentile, run_load_test
 from flagrelease.deploy.multinode import RecordingRunner, SshRunner, plan_multinode, serve_multinode
 from flagrelease.errors import DeployError
 from flagrelease.pipeline import ReleaseContext, StageResult
+from tests._interrupt import interrupted_after
 from tests.fixtures_docker import DockerEngine, LocalRegistry
 from tests.fixtures_vllm import free_port, make_release, server_processes
 
@@ -236,6 +237,17 @@ def test_load_test_sweeps_concurrency_with_streaming(vllm_server: Endpoint) -> N
         assert row["output_tokens"] == 4 * 6  # ignore_eos: every request generates max_tokens
         assert row["output_tokens_per_s"] > 0 and row["requests_per_s"] > 0
         assert 0 < row["ttft_p50_ms"] <= row["ttft_p99_ms"] <= row["latency_p50_ms"] * 4
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_an_interrupted_load_test_waits_only_for_the_requests_in_flight(vllm_server: Endpoint) -> None:
+    # A long level (1000 requests) interrupted after a second, as SIGTERM or Ctrl-C does
+    # to a run: it must end at once, not after the rest of the level.
+    settings = LoadTestSettings(concurrency=[2], requests_per_level=1000, max_tokens=32, timeout_s=600)
+    with interrupted_after(1.0) as took:
+        run_load_test(vllm_server.base_url, model_name=vllm_server.model_name, settings=settings)
+    assert took[0] < 6, f"the interrupted load test took {took[0]:.1f}s to end"
 
 
 @pytest.mark.slow

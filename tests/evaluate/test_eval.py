@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -130,11 +130,18 @@ class _Misbehaving(BaseHTTPRequestHandler):
     """
 
     mode = "malformed"
+    #: A mode per served model name, over ``mode`` (several "servers" on one handler).
+    modes: ClassVar[dict[str, str]] = {}
     requests = 0
 
     def do_POST(self) -> None:
-        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         type(self).requests += 1
+        try:
+            model = json.loads(raw or b"{}").get("model")
+        except ValueError:
+            model = None
+        self.mode = self.modes.get(str(model), type(self).mode)
         if self.mode in ("fine", "rambling", "mute"):
             status, body = 200, json.dumps(self._answer())
         elif self.mode == "malformed":
@@ -177,7 +184,7 @@ class _Misbehaving(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def misbehaving() -> Iterator[tuple[str, type[_Misbehaving]]]:
-    handler = type("Handler", (_Misbehaving,), {"requests": 0})
+    handler = type("Handler", (_Misbehaving,), {"requests": 0, "modes": {}})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

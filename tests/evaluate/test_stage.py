@@ -43,11 +43,15 @@ def _ctx(tmp_path: Path, url: str, served: list[dict[str, Any]], loads: list[str
     @contextlib.contextmanager
     def serving(cfg: Any, *, variant: str, flaggems: bool, **kw: Any) -> Iterator[_Endpoint]:
         served.append({"variant": variant, "flaggems": flaggems, "model_dir": str(kw["model_dir"])})
-        yield _Endpoint(f"{url}/v1", f"model-{variant}")
+        loads.append(f"start {variant}")
+        try:
+            yield _Endpoint(f"{url}/v1", f"model-{variant}")
+        finally:
+            loads.append(f"stop {variant}")
 
     def load_test(root: str, *, model_name: str, settings: Any) -> list[dict[str, Any]]:
         loads.append(model_name)
-        tok = 90.0 if "throughput" in model_name and "off" not in model_name else 100.0
+        tok = 90.0 if model_name.startswith("model-target") and "off" not in model_name else 100.0
         n = settings.requests_per_level
         return [{"output_tokens_per_s": tok, "requests": n, "ok": n, "output_tokens": n * 16, "duration_s": 1.0}]
 
@@ -73,14 +77,24 @@ def test_stage_probes_evaluates_and_runs_the_throughput_trials(
     result = ev.run_stage(ctx)
     out = EvalOutputs.model_validate(result.outputs)
     assert list(out.variants) == ["target", "reference", "target_gems_off"]
-    # Each variant served once for its eval; then FlagGems on and off side by side for the trials.
-    assert [(s["variant"], s["flaggems"]) for s in served] == [
-        ("target", True),
-        ("target_gems_off", False),
-        ("target-throughput", True),
-        ("target_gems_off-throughput", False),
-    ]
-    assert served[2]["model_dir"] == served[3]["model_dir"] == str(tmp_path / "int8")
+    # Each variant served once: for its eval, then (kept up) for the trials, FlagGems on and off side by side.
+    assert [(s["variant"], s["flaggems"]) for s in served] == [("target", True), ("target_gems_off", False)]
+    assert served[0]["model_dir"] == served[1]["model_dir"] == str(tmp_path / "int8")
+    trials = [x for x in loads if x.startswith("model-")]
+    assert (
+        trials
+        == ["model-target", "model-target_gems_off"]
+        + [
+            "model-target",
+            "model-target_gems_off",
+            "model-target_gems_off",
+            "model-target",
+        ]
+        * 2
+    )  # each warmed up, then four rounds alternating the order
+    # Both servers stopped only after the last trial, and never during an eval of the other.
+    assert loads.index("start target_gems_off") < loads.index("model-target") < loads.index("stop target")
+    assert loads[-2:] == ["stop target_gems_off", "stop target"]
     ref = out.variants.pop("reference")
     assert ref.scores == {"tinyarith": 10.0} and ref.scores_file is not None and ref.dir is None
     assert ref.tasks["tinyarith"]["n_items"] == 4
@@ -94,8 +108,6 @@ def test_stage_probes_evaluates_and_runs_the_throughput_trials(
     assert [t.round for t in thr.trials] == [0, 0, 1, 1, 2, 2, 3, 3]
     # The two arms' tokens/s come from the trials, not from a level after their evals.
     assert out.variants["target"].throughput == 90.0 and out.variants["target_gems_off"].throughput == 100.0
-    assert loads.count("model-target-throughput") == 1 + 4  # the warm-up, then four trials
-    assert loads.count("model-target") == 0
     assert "Throughput trials (8)" in result.summary
     ctx.results["eval"] = result
     from flagrelease.gate import run_stage as gate
@@ -115,15 +127,7 @@ def test_a_flaggems_serve_that_fails_a_probe_is_a_finding(
     served: list[dict[str, Any]] = []
     ctx = _ctx(tmp_path, url, served, [])
 
-    real = ctx.hooks["serving"]
-
-    @contextlib.contextmanager
-    def serving(cfg: Any, *, variant: str, **kw: Any) -> Iterator[Any]:
-        handler.mode = "rambling" if variant == "target" else "fine"
-        with real(cfg, variant=variant, **kw) as endpoint:
-            yield endpoint
-
-    ctx.hooks["serving"] = serving
+    handler.mode, handler.modes = "fine", {"model-target": "rambling"}
     result = ev.run_stage(ctx)
     out = EvalOutputs.model_validate(result.outputs)
     target = out.variants["target"]
@@ -133,9 +137,7 @@ def test_a_flaggems_serve_that_fails_a_probe_is_a_finding(
     assert out.throughput is None  # nothing to time against a broken target
     assert result.status == "warning" and "failed the truncation probe" in result.summary
     # Without FlagGems off to compare with, the same failure stops the eval.
-    handler.mode = "rambling"
     alone = _ctx(tmp_path / "alone", url, [], [], gates__flaggems_compare=False)
-    alone.hooks["serving"] = serving
     with pytest.raises(EvalError, match="truncation probe"):
         ev.run_stage(alone)
 
@@ -182,3 +184,71 @@ def test_trials_raise_the_servers_scheduling_priority_and_restore_it() -> None:
     finally:
         server.kill()
         server.wait()
+
+
+def test_the_server_pool_starts_ahead_keeps_and_replaces_a_server_that_failed(tmp_path: Path) -> None:
+    """What lets the next server start during an eval, the trials reuse the eval's servers, and a dead one restart."""
+    events: list[str] = []
+    ctx = _ctx(tmp_path, "http://127.0.0.1:9", [], events)
+    target, gems_off = (p for p in ev.plan_variants(ctx) if p.name in ("target", "target_gems_off"))
+    with ev.ServerPool(ctx) as pool:
+        with pool.serve(target, keep=True) as first, pool.ahead(gems_off):
+            assert events[0] == "start target"  # gems_off starts in the background meanwhile
+        assert events == ["start target", "start target_gems_off"]  # the end of `ahead` waited for it
+        with pool.serve(gems_off) as off:  # the one started ahead; not kept after the block
+            assert off.model_name == "model-target_gems_off"
+        assert events[-1] == "stop target_gems_off"
+        with pool.serve(target, keep=True) as again:
+            assert again is first  # the same running server, not a second start
+        with pytest.raises(EvalError), pool.serve(target, keep=True):
+            raise EvalError("the server stopped answering")
+        assert events[-1] == "stop target"  # a server whose use failed is stopped ...
+        with pool.serve(target, keep=True) as fresh:
+            assert fresh is not first  # ... and the next use starts a fresh one
+        assert events[-1] == "start target"
+    assert events[-1] == "stop target" and events.count("start target") == events.count("stop target") == 2
+
+
+def test_an_interrupted_eval_stops_the_server_starting_ahead_instead_of_waiting(tmp_path: Path) -> None:
+    """SIGTERM or Ctrl-C during an eval: the next variant's server, still starting, is stopped at once."""
+    import subprocess
+    import time
+
+    from flagrelease._supervise import SupervisedProcess
+    from flagrelease.errors import DeployError
+
+    events: list[str] = []
+    ctx = _ctx(tmp_path, "http://127.0.0.1:9", [], events)
+    target, gems_off = (p for p in ev.plan_variants(ctx) if p.name in ("target", "target_gems_off"))
+    started: list[SupervisedProcess] = []
+
+    @contextlib.contextmanager
+    def never_ready(cfg: Any, *, variant: str, flaggems: bool, **kw: Any) -> Iterator[Any]:
+        # A real supervised process that never answers, waited on as the deploy stage waits
+        # for health: until it is ready (never) or gone.
+        server = SupervisedProcess(["sleep", "300"], stdout=subprocess.DEVNULL, what=f"vLLM ({variant})")
+        started.append(server)
+        server.start()
+        while server.exited() is None:
+            time.sleep(0.05)
+        server.stop()
+        raise DeployError(f"the engine {server.exited()} before it was ready")
+        yield  # pragma: no cover
+
+    # A server of the same process that the pool did not start (another stage's, or the
+    # test session's shared vLLM): the interruption must leave it running.
+    bystander = SupervisedProcess(["sleep", "300"], stdout=subprocess.DEVNULL, what="another server")
+    bystander.start()
+    try:
+        with ev.ServerPool(ctx) as pool, pool.serve(target, keep=True):
+            ctx.hooks["serving"] = never_ready
+            began = time.monotonic()
+            with pytest.raises(KeyboardInterrupt), pool.ahead(gems_off):
+                while not started or started[0].pid is None:
+                    time.sleep(0.05)
+                raise KeyboardInterrupt  # as the signal handler raises it in the main thread
+            assert time.monotonic() - began < 10
+            assert started[0].exited() is not None
+        assert bystander.exited() is None
+    finally:
+        bystander.stop(grace_s=1.0)

@@ -1,9 +1,10 @@
 """Kills and concurrent runs: nothing outlives ``flagrelease run``, and one run per release at a time.
 
 The heavy cases start a real ``flagrelease run`` (fetch, convert, deploy of the tiny
-model on the CPU) in its own session, wait until its vLLM server answers, and then kill
-the run: SIGKILL or SIGTERM, with and without Prefect (without ``PREFECT_API_URL``, so
-flagrelease starts its temporary Prefect server).  Every process of the run's tree,
+model on the CPU) in its own session, wait until its vLLM server answers and the deploy
+stage's load test is under way, and then kill the run: SIGKILL or SIGTERM, with and
+without Prefect (without ``PREFECT_API_URL``, so flagrelease starts its temporary
+Prefect server).  Every process of the run's tree,
 snapshotted just before the kill (the vLLM server, its ``VLLM::EngineCore``, the
 resource tracker, the supervisor, the temporary Prefect server) must be gone shortly
 after; SIGTERM must end the run within 10 seconds.  While the first run serves, a second
@@ -31,6 +32,7 @@ import psutil
 import pytest
 import yaml
 
+from tests._interrupt import interrupted_after
 from tests.fixtures_demo import write_demo_config
 from tests.fixtures_prefect import free_port
 
@@ -154,6 +156,63 @@ def test_a_server_group_whose_supervisor_was_killed_too_is_reaped_at_the_next_st
     assert not _alive(tracked)
 
 
+def test_a_stopped_scope_stops_its_own_servers_and_no_other() -> None:
+    # An interrupted start ahead stops the server it was starting, never another server of
+    # the process (CI once lost the test session's shared vLLM this way).
+    import threading
+
+    from flagrelease._supervise import ServerStopped, StopScope, SupervisedProcess
+
+    bystander = SupervisedProcess(["sleep", "300"], stdout=subprocess.DEVNULL, what="another server")
+    bystander.start()
+    scope = StopScope("the test stopped it")
+    mine: list[SupervisedProcess] = []
+
+    def start_in_scope() -> None:
+        with scope.entered():
+            mine.append(SupervisedProcess(["sleep", "300"], stdout=subprocess.DEVNULL, what="my server"))
+            mine[0].start()
+
+    try:
+        worker = threading.Thread(target=start_in_scope)
+        worker.start()
+        worker.join(10)
+        assert mine and mine[0].exited() is None
+        assert scope.stop(grace_s=1.0) == 1
+        assert mine[0].exited() is not None
+        assert bystander.exited() is None  # not in the scope: left running
+        # A start after the stop is refused, and starts nothing.
+        late = SupervisedProcess(["sleep", "300"], stdout=subprocess.DEVNULL, what="a late server")
+        with scope.entered(), pytest.raises(ServerStopped, match="a late server was not started: the test stopped it"):
+            late.start()
+        assert late.pid is None
+        # Outside the block, the thread's starts belong to no scope again.
+        outside = SupervisedProcess(["true"], stdout=subprocess.DEVNULL, what="outside")
+        outside.start()
+        outside.stop(grace_s=1.0)
+    finally:
+        bystander.stop(grace_s=1.0)
+
+
+def test_an_interrupted_thread_map_drops_the_calls_not_yet_started() -> None:
+    # The hashing, verifying and probing pools: SIGTERM or Ctrl-C while 200 calls are queued
+    # ends the map after the calls in flight, not after all 200.
+    from flagrelease._threads import map_in_threads
+
+    calls: Counter[str] = Counter()
+
+    def slow(i: int) -> int:
+        calls["started"] += 1
+        time.sleep(0.1)
+        return i
+
+    assert map_in_threads(slow, range(6), workers=2, name="t") == list(range(6))
+    calls.clear()
+    with interrupted_after(0.35) as took:
+        map_in_threads(slow, range(200), workers=2, name="t")
+    assert took[0] < 2 and calls["started"] < 20, (took, calls)
+
+
 def _pgid(pid: int) -> int | None:
     try:
         return os.getpgid(pid)
@@ -203,18 +262,39 @@ def _start(config: Path, *, prefect: bool, env: dict[str, str], log: Path) -> su
         )
 
 
-def _wait_serving(proc: subprocess.Popen[bytes], port: int, log: Path, timeout_s: float = 600) -> None:
+def _wait_until(proc: subprocess.Popen[bytes], log: Path, what: str, ready: Any, timeout_s: float) -> None:
+    """Poll ``ready()`` (False on an HTTP error) until it holds; fail if the run ends first."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"the run ended ({proc.returncode}) before vLLM served:\n{log.read_text()[-4000:]}")
+            raise AssertionError(f"the run ended ({proc.returncode}) before {what}:\n{log.read_text()[-4000:]}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2, trust_env=False).status_code == 200:
+            if ready():
                 return
         except httpx.HTTPError:
             pass
-        time.sleep(0.5)
-    raise AssertionError(f"vLLM did not serve within {timeout_s}s:\n{log.read_text()[-4000:]}")
+        time.sleep(0.25)
+    raise AssertionError(f"no {what} within {timeout_s}s:\n{log.read_text()[-4000:]}")
+
+
+def _wait_serving(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
+    def healthy() -> bool:
+        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2, trust_env=False).status_code == 200
+
+    _wait_until(proc, log, "vLLM serving", healthy, 600)
+
+
+def _wait_load_test(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
+    """Wait until the deploy stage's load test is under way: the server has finished a few requests."""
+
+    def under_way() -> bool:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2, trust_env=False).text
+        done = sum(
+            float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("vllm:request_success_total")
+        )
+        return done >= 4  # the smoke request and at least three of the load test's 1000
+
+    _wait_until(proc, log, "load test", under_way, 120)
 
 
 @pytest.mark.slow
@@ -255,12 +335,18 @@ def test_killed_run_leaves_no_process(
             assert second.returncode == 2 and f"is in use by pid {proc.pid}" in second.stderr, second.stderr[-3000:]
             assert time.monotonic() - started < 15 and "Traceback" not in second.stderr
             COUNTS["second_refused"] += 1
+        # Killed while the load test runs: the run must not wait for the rest of its requests.
+        _wait_load_test(proc, port, log)
         tree = _tree(proc.pid)  # again: the engine may have started more processes meanwhile
         COUNTS["cases"] += 1
         COUNTS["processes"] += len(tree)
         killed = time.monotonic()
         os.kill(proc.pid, sig)
-        proc.wait(timeout=60)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            tail = "\n".join(_describe(p) for p in _alive(tree))
+            pytest.fail(f"{sig.name} did not end the run in 60s; still running:\n{tail}\n{log.read_text()[-4000:]}")
         took = time.monotonic() - killed
         if sig == signal.SIGTERM:
             COUNTS["sigterm_ms"] = max(COUNTS["sigterm_ms"], int(took * 1000))

@@ -35,13 +35,14 @@ Fault injection (for testing the bisection), ``inject="op[:mode]"``:
 - ``zero``: return zeros;
 - ``shift``: for ``argmax``, return the next index (the only mode with integer outputs
   besides ``zero``; ``scale`` and ``noise`` on ``argmax`` also shift);
-- ``slow``: compute the operator twice and keep one result: the same answers, from an
-  operator twice as slow (for testing the throughput gate: a planted slowdown).
+- ``slow``: the same answers, from an operator twice as slow: each call is followed by
+  as long again on the CPU (for testing the throughput gate: a planted slowdown).
 """
 
 from __future__ import annotations
 
 import threading
+import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -208,20 +209,25 @@ class OpLib:
                 )
             return original.call_boxed(keyset, *args, **kwargs)
 
+        slow = self.inject == (op.name, "slow")
+
         def impl(keyset: Any, *args: Any, **kwargs: Any) -> Any:
             local = self._local
             if getattr(local, "busy", False):
                 return call_original(keyset, args, kwargs)
             local.busy = True
+            started = time.perf_counter() if slow else 0.0
             try:
                 out = kernel(*args, **kwargs)
                 if out is native:
                     return call_original(keyset, args, kwargs)
-                if self.inject is not None and self.inject[0] == op.name:
-                    if self.inject[1] == "slow":
-                        kernel(*args, **kwargs)  # the same work again: a 2x slower operator
-                    else:
-                        out = self._broken(op, out, args, kwargs)
+                if slow:
+                    # A 2x slower operator: as long again as the call took, spent on the CPU.
+                    deadline = 2 * time.perf_counter() - started
+                    while time.perf_counter() < deadline:
+                        pass
+                elif self.inject is not None and self.inject[0] == op.name:
+                    out = self._broken(op, out, args, kwargs)
             finally:
                 local.busy = False
             with self._lock:

@@ -29,7 +29,7 @@ LABEL "org.opencontainers.image.title"="tiny-qwen2-flagos" \
 
 # The chip profile's environment, the release's serve.envs and the FlagGems switch.
 ENV VLLM_CPU_KVCACHE_SPACE="1" \
-    VLLM_CPU_OMP_THREADS_BIND="nobind" \
+    VLLM_CPU_OMP_THREADS_BIND="auto" \
     USE_FLAGGEMS="true"
 
 # Dependencies first, so their layers stay cached while flagrelease changes.
