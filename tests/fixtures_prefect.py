@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -18,6 +19,7 @@ import pytest
 __all__ = ["PrefectServer", "free_port", "prefect_server"]
 
 VENV_BIN = Path(sys.executable).parent
+RETRY_CODES = frozenset({429, 502, 503})
 
 
 def free_port() -> int:
@@ -47,6 +49,21 @@ class PrefectServer:
             **extra,
         )
         return env
+
+    def api(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """One call to the server's REST API, retried as Prefect's own client retries it.
+
+        The server answers 503 when its SQLite database is briefly locked (and 429 or 502 under
+        load); Prefect's client retries those, so a test's raw call must too, or it reads a
+        write that never happened.  Any other error status fails the call.
+        """
+        deadline = time.monotonic() + 60
+        while True:
+            resp = httpx.request(method, f"{self.api_url}{path}", timeout=30, **kwargs)
+            if resp.status_code not in RETRY_CODES or time.monotonic() > deadline:
+                resp.raise_for_status()
+                return resp
+            time.sleep(0.5)
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
 
@@ -31,8 +30,7 @@ pytestmark = [pytest.mark.slow]
 
 
 def _deployments(server: PrefectServer) -> dict[str, dict]:
-    resp = httpx.post(f"{server.api_url}/deployments/filter", json={"limit": 200}, timeout=30)
-    resp.raise_for_status()
+    resp = server.api("POST", "/deployments/filter", json={"limit": 200})
     return {d["name"]: d for d in resp.json()}
 
 
@@ -70,7 +68,7 @@ def test_deploy_registers_one_deployment_per_config_in_the_chips_pool(prefect_se
     assert metax["work_pool_name"] == "metax-c550"
     assert metax["parameters"] == {"config": "release_configs/matrices/deepseek-r1.yaml#metax-c550"}
     # A chip's pool runs one release per node of the pool (the chip profile's nodes).
-    pool = httpx.get(f"{prefect_server.api_url}/work_pools/metax-c550", timeout=30).json()
+    pool = prefect_server.api("GET", "/work_pools/metax-c550").json()
     assert pool["concurrency_limit"] == 1
     iluvatar = deployments["deepseek-r1-iluvatar"]
     assert iluvatar["work_pool_name"] == "iluvatar-bi-v150"
@@ -97,8 +95,7 @@ def test_deployments_show_in_the_prefect_ui(prefect_server: PrefectServer, tmp_p
     ]
     # Each release's own page (the list pages through many deployments: the matrices' pairs too).
     for name in ("deepseek-r1-iluvatar", "deepseek-r1-distill-qwen-32b-nvidia", "demo-tiny-cpu"):
-        found = httpx.get(f"{prefect_server.api_url}/deployments/name/flagrelease/{name}", timeout=30)
-        assert found.status_code == 200, f"flagrelease/{name} is not registered: {found.text[:300]}"
+        found = prefect_server.api("GET", f"/deployments/name/flagrelease/{name}")
         page = f"{prefect_server.ui_url}/deployments/deployment/{found.json()['id']}"
         dom = subprocess.run(["chromium", *flags, "--dump-dom", page], capture_output=True, text=True, timeout=120)
         assert name in dom.stdout, f"{name} not shown on {page}"
@@ -113,7 +110,7 @@ def test_deployments_show_in_the_prefect_ui(prefect_server: PrefectServer, tmp_p
 def _wait_for_run(server: PrefectServer, run_id: str, timeout: float) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        run = httpx.get(f"{server.api_url}/flow_runs/{run_id}", timeout=30).json()
+        run = server.api("GET", f"/flow_runs/{run_id}").json()
         if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
             return run
         time.sleep(2)
@@ -207,12 +204,9 @@ def test_rerun_with_nothing_changed_does_no_stage_work(demo_run: DemoRun, prefec
 
 def _artifact(server: PrefectServer, key: str) -> dict:
     """The latest artifact of ``key``."""
-    resp = httpx.post(
-        f"{server.api_url}/artifacts/filter",
-        json={"artifacts": {"key": {"any_": [key]}}, "sort": "CREATED_DESC", "limit": 1},
-        timeout=30,
+    resp = server.api(
+        "POST", "/artifacts/filter", json={"artifacts": {"key": {"any_": [key]}}, "sort": "CREATED_DESC", "limit": 1}
     )
-    resp.raise_for_status()
     (artifact,) = resp.json()
     return dict(artifact)
 
@@ -263,7 +257,7 @@ def test_the_image_ran_beside_the_fetch_and_the_convert(demo_run: DemoRun) -> No
 
 
 def test_stage_artifacts_are_published(demo_run: DemoRun, prefect_server: PrefectServer) -> None:
-    resp = httpx.post(f"{prefect_server.api_url}/artifacts/filter", json={"limit": 200}, timeout=30)
+    resp = prefect_server.api("POST", "/artifacts/filter", json={"limit": 200})
     keys = {a.get("key") for a in resp.json()}
     for stage in ("fetch", "convert", "image", "deploy", "eval", "gate", "card", "publish"):
         assert f"demo-tiny-cpu-{stage}" in keys, stage
@@ -317,10 +311,8 @@ def test_live_reference_on_another_chip_runs_on_its_pool(
     assert reference["parameters"]["options"] == {"role": "reference"}
     assert "role:reference" in reference["tags"] and "pool:cpu-ref" in reference["tags"]
 
-    runs = httpx.post(
-        f"{prefect_server.api_url}/flow_runs/filter",
-        json={"flow_runs": {"tags": {"all_": ["reference-of:demo-xref"]}}},
-        timeout=30,
+    runs = prefect_server.api(
+        "POST", "/flow_runs/filter", json={"flow_runs": {"tags": {"all_": ["reference-of:demo-xref"]}}}
     ).json()
     assert [r["state"]["type"] for r in runs] == ["COMPLETED"]
     key = json.loads((exchange / "flagrelease-reference.json").read_text())
@@ -369,10 +361,7 @@ def _start(name: str, env: dict[str, str]) -> str:
 
 
 def _flow_runs(server: PrefectServer, tag: str) -> list[dict]:
-    resp = httpx.post(
-        f"{server.api_url}/flow_runs/filter", json={"flow_runs": {"tags": {"all_": [tag]}}, "limit": 50}, timeout=30
-    )
-    resp.raise_for_status()
+    resp = server.api("POST", "/flow_runs/filter", json={"flow_runs": {"tags": {"all_": [tag]}}, "limit": 50})
     return list(resp.json())
 
 
@@ -515,12 +504,14 @@ def test_matrix_runs_each_pair_on_its_pool_and_publishes_the_support_table(
         run["state"],
         (m.root / "worker-matrix-control.log").read_text()[-4000:],
     )
-    pairs = {r["work_pool_name"]: r for r in _flow_runs(prefect_server, "matrix:tiny") if r["id"] != run["id"]}
-    assert set(pairs) == {"cpu", "cpu-b"}
-    assert all(r["state"]["type"] == "COMPLETED" and r["parent_task_run_id"] for r in pairs.values())
+    runs = [r for r in _flow_runs(prefect_server, "matrix:tiny") if r["id"] != run["id"]]
+    seen = [(r["work_pool_name"], r["name"], r["state"]["type"], r["start_time"], r["end_time"]) for r in runs]
+    pairs = {r["work_pool_name"]: r for r in runs}
+    assert set(pairs) == {"cpu", "cpu-b"}, seen
+    assert all(r["state"]["type"] == "COMPLETED" and r["parent_task_run_id"] for r in pairs.values()), seen
     # Started at once: each began before the other ended.
     a, b = pairs["cpu"], pairs["cpu-b"]
-    assert a["start_time"] < b["end_time"] and b["start_time"] < a["end_time"]
+    assert a["start_time"] < b["end_time"] and b["start_time"] < a["end_time"], seen
     # The cpu pair is the demo under another name: everything up to its card was reused.
     for stage in ("fetch", "convert", "deploy", "eval", "gate"):
         assert m.state("work-cpu", stage)["finished_at"] == demo_run.state(stage)["finished_at"], stage
@@ -563,7 +554,7 @@ def test_matrix_runs_each_pair_on_its_pool_and_publishes_the_support_table(
     assert support["type"] == "table" and "Second x86-64 CPU" in str(support["data"])
     summary = _latest_artifact(prefect_server, "matrix-tiny")
     assert "| Second x86-64 CPU | tiny-cpu-b | COMPLETED | released |" in summary
-    limits = httpx.post(f"{prefect_server.api_url}/v2/concurrency_limits/filter", json={}, timeout=30).json()
+    limits = prefect_server.api("POST", "/v2/concurrency_limits/filter", json={}).json()
     host = next(lim for lim in limits if lim["name"].startswith("flagrelease-host-"))
     assert host["limit"] == 1 and host["active_slots"] == 0
 
@@ -589,7 +580,7 @@ def test_a_pool_limit_of_one_serialises_two_releases_on_the_pool(
 ) -> None:
     """Two releases in the cpu pool (its profile: one node), started together: one runs after the other."""
     m = matrix_setup
-    pool = httpx.get(f"{prefect_server.api_url}/work_pools/cpu", timeout=30).json()
+    pool = prefect_server.api("GET", "/work_pools/cpu").json()
     assert pool["concurrency_limit"] == 1
     ids = [_start(name, m.env) for name in ("flagrelease/demo-tiny-cpu", "flagrelease/tiny-cpu")]
     runs = sorted((_wait_for_run(prefect_server, i, timeout=900) for i in ids), key=lambda r: r["start_time"])

@@ -33,8 +33,12 @@ FLAGRELEASE = str(Path(sys.executable).parent / "flagrelease")
 
 
 def _deployment(server: PrefectServer, name: str) -> dict[str, Any] | None:
-    resp = httpx.get(f"{server.api_url}/deployments/name/flagrelease/{name}", timeout=30)
-    return resp.json() if resp.status_code == 200 else None
+    try:
+        return dict(server.api("GET", f"/deployments/name/flagrelease/{name}").json())
+    except httpx.HTTPStatusError as exc:
+        if exc.response.status_code == 404:
+            return None
+        raise
 
 
 def _configs(tmp_path: Path) -> tuple[Path, str, str]:
@@ -89,7 +93,7 @@ def test_serve_takes_over_only_this_machines_deployments_and_gives_them_back(
     before_cpu, before_h100 = _deployment(prefect_server, cpu), _deployment(prefect_server, h100)
     assert before_cpu and before_h100 and before_cpu["work_pool_name"] == "cpu"
     assert before_h100["work_pool_name"] == "nvidia-h100"
-    httpx.patch(f"{prefect_server.api_url}/deployments/{before_cpu['id']}", json={"paused": True}, timeout=30)
+    prefect_server.api("PATCH", f"/deployments/{before_cpu['id']}", json={"paused": True})
     assert (_deployment(prefect_server, cpu) or {})["paused"] is True
 
     def cpu_served() -> bool:
