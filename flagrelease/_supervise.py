@@ -6,7 +6,8 @@ runs under a small supervisor (:mod:`flagrelease._supervisor`, stdlib only):
 - the supervisor leads its own process group, and everything it starts stays in it;
 - it gets ``SIGTERM`` from the kernel when its owner dies, however it died
   (``prctl(PR_SET_PDEATHSIG)``), and then stops the whole group: ``SIGTERM``, a grace
-  period, ``SIGKILL``;
+  period, ``SIGKILL``; one thread that lasts as long as the owner forks every supervisor,
+  since the kernel sends that signal when the forking *thread* ends;
 - when the server exits by itself, it stops what the server left in the group;
 - a pid file in :func:`state_dir` records the group and its owner, so that if the
   supervisor itself was killed outright, the next start reaps the group
@@ -22,13 +23,15 @@ import ctypes
 import json
 import logging
 import os
+import queue
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future
 from pathlib import Path
 from typing import IO, Any
 
@@ -55,6 +58,9 @@ _running: set[SupervisedProcess] = set()
 _running_lock = threading.RLock()
 
 _PR_SET_PDEATHSIG = 1
+
+#: Starts for the thread that starts supervisors (see :func:`_spawn`).
+_spawn_queue: queue.SimpleQueue[tuple[Future[subprocess.Popen[bytes]], Callable[[], Any]]] | None = None
 
 #: The :class:`StopScope` a thread's new servers join (see :meth:`StopScope.entered`).
 _scope = threading.local()
@@ -105,6 +111,52 @@ class StopScope:
             if not self._stopped:
                 self._servers.append(server)
             return not self._stopped
+
+
+def _spawn(start: Callable[[], subprocess.Popen[bytes]]) -> Future[subprocess.Popen[bytes]]:
+    """Run ``start`` on the one thread that starts every supervisor of this process.
+
+    The kernel's parent-death signal fires when the *thread* that forked the child exits,
+    not the process: a server started by a short-lived thread (a worker of a pool that is
+    shut down, a thread of a test) would be stopped as that thread ended.  The spawning
+    thread is a daemon that lives as long as the process (it is never joined at exit), so
+    the signal comes when the owner dies, as meant.
+    """
+    global _spawn_queue
+    done: Future[subprocess.Popen[bytes]] = Future()
+    with _running_lock:
+        if _spawn_queue is None:
+            _spawn_queue = queue.SimpleQueue()
+            threading.Thread(target=_spawn_loop, args=(_spawn_queue,), name="flagrelease-spawn", daemon=True).start()
+        _spawn_queue.put((done, start))
+    return done
+
+
+def _spawn_loop(jobs: queue.SimpleQueue[tuple[Future[subprocess.Popen[bytes]], Callable[[], Any]]]) -> None:
+    while True:
+        done, start = jobs.get()
+        if done.set_running_or_notify_cancel():
+            try:
+                done.set_result(start())
+            except BaseException as exc:  # handed to the caller
+                done.set_exception(exc)
+
+
+def _forget_spawner() -> None:
+    global _spawn_queue
+    _spawn_queue = None  # a forked child has no spawning thread: it starts its own
+
+
+os.register_at_fork(after_in_child=_forget_spawner)
+
+
+def _stop_unowned(started: Future[subprocess.Popen[bytes]]) -> None:
+    """Stop a supervisor whose start was interrupted in its owner (nobody holds it)."""
+    if started.cancelled() or started.exception() is not None:
+        return
+    proc = started.result()
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, signal.SIGTERM)  # the supervisor stops its group and exits (not waited for here)
 
 
 class ServerStopped(RuntimeError):
@@ -284,16 +336,25 @@ class SupervisedProcess:
             *self.argv,
         ]
         env = dict(self.env if self.env is not None else os.environ)
-        self.proc = subprocess.Popen(
-            supervisor,
-            stdin=subprocess.DEVNULL,
-            stdout=self.stdout,
-            stderr=subprocess.STDOUT if self.stdout is not None else None,
-            env=env,
-            cwd=self.cwd,
-            start_new_session=True,
-            preexec_fn=set_parent_death_signal,  # prctl must run in the child, before exec
-        )
+
+        def popen() -> subprocess.Popen[bytes]:
+            return subprocess.Popen(
+                supervisor,
+                stdin=subprocess.DEVNULL,
+                stdout=self.stdout,
+                stderr=subprocess.STDOUT if self.stdout is not None else None,
+                env=env,
+                cwd=self.cwd,
+                start_new_session=True,
+                preexec_fn=set_parent_death_signal,  # prctl must run in the child, before exec
+            )
+
+        started = _spawn(popen)
+        try:
+            self.proc = started.result()
+        except BaseException:  # interrupted while it started: stop it once it has
+            started.add_done_callback(_stop_unowned)
+            raise
         atomic_write_json(
             self.pid_file,
             {

@@ -177,6 +177,7 @@ def test_a_stopped_scope_stops_its_own_servers_and_no_other() -> None:
         worker = threading.Thread(target=start_in_scope)
         worker.start()
         worker.join(10)
+        time.sleep(1.0)  # the starting thread has ended: its server must outlive it
         assert mine and mine[0].exited() is None
         assert scope.stop(grace_s=1.0) == 1
         assert mine[0].exited() is not None
@@ -192,6 +193,57 @@ def test_a_stopped_scope_stops_its_own_servers_and_no_other() -> None:
         outside.stop(grace_s=1.0)
     finally:
         bystander.stop(grace_s=1.0)
+
+
+def test_a_server_outlives_the_thread_that_started_it() -> None:
+    # The kernel's parent-death signal fires when the forking *thread* ends; a server that a
+    # pool's worker thread started must not die when the pool shuts down.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flagrelease._supervise import SupervisedProcess
+
+    server = SupervisedProcess(["sleep", "300"], stdout=subprocess.DEVNULL, what="a pool's server")
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pool.submit(server.start).result(timeout=30)
+    try:
+        time.sleep(1.5)  # the worker thread is gone
+        assert server.exited() is None
+    finally:
+        server.stop(grace_s=1.0)
+    assert server.exited() is not None
+
+
+def test_a_start_interrupted_while_it_spawns_leaves_no_server() -> None:
+    # Ctrl-C while the supervisor is being started: the owner never learns its pid, so the
+    # spawn itself stops it once it exists.
+    import threading
+
+    from flagrelease import _supervise
+
+    held = threading.Event()
+
+    def hold_the_spawning_thread() -> subprocess.Popen[bytes]:
+        held.wait(10)
+        return subprocess.Popen(["true"])
+
+    blocker = _supervise._spawn(hold_the_spawning_thread)
+    seconds = f"{300 + os.getpid() % 1000 / 1000:.3f}"  # marks this test's command
+    server = _supervise.SupervisedProcess(["sleep", seconds], stdout=subprocess.DEVNULL, what="an interrupted start")
+    try:
+        with interrupted_after(0.3):
+            server.start()
+    finally:
+        held.set()
+    blocker.result(timeout=10).wait()
+    assert server.proc is None  # the owner never got it
+
+    def left() -> list[int]:
+        return [p.pid for p in psutil.process_iter(["cmdline"]) if seconds in (p.info["cmdline"] or [])]
+
+    deadline = time.monotonic() + 20
+    while left() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left()  # neither the supervisor nor its command
 
 
 def test_an_interrupted_thread_map_drops_the_calls_not_yet_started() -> None:
