@@ -732,16 +732,37 @@ def _complete(port: int, model: Path) -> dict:  # type: ignore[type-arg]
         return json.loads(r.read())
 
 
+@pytest.fixture(scope="session")
+def vllm_cpu_has_avx512(serve_python: Path) -> bool:
+    """Whether vLLM's CPU build loads its AVX-512 kernels here (it asks torch, as below)."""
+    ask = "import torch; print(torch.cpu._is_avx512_supported())"
+    out = subprocess.run([str(serve_python), "-c", ask], capture_output=True, text=True, timeout=120, check=True)
+    return out.stdout.strip() == "True"
+
+
 @pytest.mark.slow
 @pytest.mark.vllm
 @pytest.mark.parametrize(
     ("fmt", "scheme"),
     [("int8-w8a8", "CompressedTensorsW8A8Int8"), ("int4-w4a16", "CPUWNA16LinearKernel for CompressedTensorsWNA16")],
 )
-def test_vllm_serves_int_checkpoint(tiny_quantized: dict[str, Path], int_server, fmt: str, scheme: str) -> None:  # type: ignore[no-untyped-def]
-    """vLLM (CPU) loads the W8A8 and W4A16 outputs through its compressed-tensors schemes and serves them."""
+def test_vllm_serves_int_checkpoint(  # type: ignore[no-untyped-def]
+    tiny_quantized: dict[str, Path], int_server, vllm_cpu_has_avx512: bool, fmt: str, scheme: str
+) -> None:
+    """vLLM (CPU) loads the W8A8 and W4A16 outputs through its compressed-tensors schemes and serves them.
+
+    W4A16 needs vLLM's AVX-512 kernels: on a CPU with AVX2 only (vLLM 0.32 loads
+    ``vllm._C_AVX2`` there, and ``vllm.platforms.cpu`` picks it by
+    ``torch.cpu._is_avx512_supported()``) the engine stops with "'_OpNamespace' '_C' object
+    has no attribute 'cpu_gemm_wna16'". The test pins that failure on such a CPU, so a
+    vLLM that gains the kernel there makes it fail and the case turns into a serving test.
+    """
     model = tiny_quantized[fmt]
     proc, port, log = int_server(model)
+    if fmt == "int4-w4a16" and not vllm_cpu_has_avx512:
+        assert not _wait_healthy(proc, port), "vLLM served W4A16 without AVX-512: serve-test it on this CPU too"
+        assert "object has no attribute 'cpu_gemm_wna16'" in log.read_text(errors="replace")
+        return
     assert _wait_healthy(proc, port), log.read_text(errors="replace")[-4000:]
     out = _complete(port, model)
     assert out["usage"]["completion_tokens"] == 4 and isinstance(out["choices"][0]["text"], str)
